@@ -1,0 +1,58 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from vpp.assets import parse_asset_spec
+from vpp.assets.charging_station import ChargingStationFleet
+from vpp.errors import SpecError
+
+TZ = "Asia/Shanghai"
+SPEC = {"id": "hub", "kind": "charging_station", "bus": "bus3", "import_limit_kw": 100,
+        "chargers": [{"id": "dc", "rating_kw": 120, "type": "dc"}, {"id": "ac", "rating_kw": 7}],
+        "battery": {"e_kwh": 50, "p_charge_max_kw": 25, "p_discharge_max_kw": 25}}
+
+
+def sessions(*rows):
+    return pd.DataFrame(rows, columns=["session_id", "station_id", "charger_id", "arrival", "departure", "energy_kwh",
+                                       "max_kw"])
+
+
+def ts(hhmm):
+    return pd.Timestamp(f"2025-01-15 {hhmm}", tz=TZ)
+
+
+def test_charger_ratings_from_ac_to_liquid_cooled():
+    spec = parse_asset_spec({**SPEC, "chargers": [{"id": "lc", "rating_kw": 480, "type": "dc_liquid_cooled"}]})
+    assert spec.chargers[0].rating_kw == 480
+    with pytest.raises(SpecError) as error:
+        parse_asset_spec({**SPEC, "chargers": [{"id": "x", "rating_kw": 7}, {"id": "x", "rating_kw": 7}]}, "assets[1]")
+    assert "unique" in str(error.value)
+
+
+def test_plant_respects_car_limits_and_import_limit():
+    f = ChargingStationFleet([parse_asset_spec(SPEC)])
+    s = sessions(("a", "hub", "dc", ts("08:00"), ts("09:00"), 60.0, 150.0),
+                 ("b", "hub", "ac", ts("08:00"), ts("12:00"), 20.0, 11.0))
+    state = f.initial_state()
+    actual = {"sessions": s, "time": ts("08:00"), "battery_kw": np.array([0.0])}
+    state, p, extras = f.plant_step(state, np.array([-1000.0]), actual, 0.25)
+    # Station import limit 100 kW binds; the DC car takes up to its charger's 120 kW first.
+    assert p[0] == pytest.approx(-100.0)
+    assert state["delivered_kwh"]["a"] == pytest.approx(100.0 * 0.95 * 0.25)
+
+
+def test_unknown_charger_is_an_error():
+    f = ChargingStationFleet([parse_asset_spec(SPEC)])
+    index = pd.date_range(ts("00:00"), periods=96, freq="15min")
+    with pytest.raises(SpecError, match="no charger 'zz'"):
+        f._slot_bounds(sessions(("a", "hub", "zz", ts("08:00"), ts("09:00"), 10.0, 50.0)), index, 0.25)
+
+
+def test_session_past_horizon_needs_only_what_cannot_come_later():
+    f = ChargingStationFleet([parse_asset_spec(SPEC)])
+    index = pd.date_range(ts("00:00"), periods=8, freq="15min")  # 00:00-02:00
+    ub, req, names = f._slot_bounds(sessions(("a", "hub", "ac", ts("01:00"), ts("03:00"), 20.0, 7.0)), index, 0.25)
+    # After 02:00 the car still gets 1 h x 7 kW x 0.95; the horizon must deliver the rest.
+    assert req.max() == pytest.approx(20.0 - 7.0 * 0.95 * 1.0)
+    slot = names.index("a")
+    assert ub[slot, :4].sum() == 0 and np.all(ub[slot, 4:] == 7.0)

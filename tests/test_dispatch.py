@@ -1,0 +1,195 @@
+"""The dispatch cycle: optimality against an independent LP, bounds, grid limits, fallbacks."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import linprog
+
+from conftest import day_index, office_load_kw
+from vpp.dispatch.dispatcher import Dispatcher
+from vpp.dispatch.problem import FlexRequest, HorizonInputs
+
+BATTERY = {"id": "bess", "kind": "battery", "bus": "bus4", "e_kwh": 200, "p_charge_max_kw": 50,
+           "p_discharge_max_kw": 50, "eta_charge": 0.95, "eta_discharge": 0.95, "soc_min_frac": 0.1,
+           "soc_max_frac": 0.9, "soc_initial_frac": 0.5, "degradation_cny_per_kwh": 0.02,
+           "self_discharge_frac_per_h": 0.0}
+LOAD = {"id": "office", "kind": "load", "bus": "bus3", "peak_kw": 100, "power_factor": 1.0}
+
+
+def inputs_for(park, load_kw, **overrides):
+    index = day_index(park.settings.horizon_steps)
+    T = len(index)
+    forecasts = {}
+    if "load" in park.fleets:
+        forecasts["load"] = {"demand_kw": np.tile(load_kw, (park.fleets["load"].n, 1))}
+    fields = dict(
+        index=index, forecasts=forecasts, buy_price_cny_per_kwh=park.tariff.buy_price_cny_per_kwh(index),
+        sell_price_cny_per_kwh=park.tariff.sell_price_cny_per_kwh(index), carbon_kg_per_kwh=park.carbon.intensity(index),
+        import_limit_kw=np.full(T, park.connection.import_limit_kw),
+        export_limit_kw=np.full(T, park.connection.export_limit_kw),
+    )
+    fields.update(overrides)
+    return HorizonInputs(**fields)
+
+
+def initial_state(park):
+    return {k: f.initial_state() for k, f in park.fleets.items()}
+
+
+def linprog_battery_cost(load_kw, buy, sell, dt_h, b, carbon_cny_per_kwh):
+    """The same day solved by scipy's linprog from scratch: x = [ch, dis, e(T+1), imp, exp]."""
+    T = len(load_kw)
+    n = 5 * T + 1
+    ich, idis, ie, iimp, iexp = 0, T, 2 * T, 3 * T + 1, 4 * T + 1
+    c = np.zeros(n)
+    c[ich:ich + T] = b["degradation_cny_per_kwh"] * dt_h
+    c[idis:idis + T] = b["degradation_cny_per_kwh"] * dt_h
+    c[iimp:iimp + T] = (buy + carbon_cny_per_kwh) * dt_h
+    c[iexp:iexp + T] = -sell * dt_h
+    A_eq, b_eq = [], []
+    e0 = b["soc_initial_frac"] * b["e_kwh"]
+    row = np.zeros(n); row[ie] = 1; A_eq.append(row); b_eq.append(e0)
+    for t in range(T):
+        row = np.zeros(n)
+        row[ie + t + 1], row[ie + t] = 1, -1
+        row[ich + t], row[idis + t] = -b["eta_charge"] * dt_h, dt_h / b["eta_discharge"]
+        A_eq.append(row); b_eq.append(0.0)
+        row = np.zeros(n)  # imp - exp - ch + dis = load
+        row[iimp + t], row[iexp + t], row[ich + t], row[idis + t] = 1, -1, -1, 1
+        A_eq.append(row); b_eq.append(load_kw[t])
+    bounds = ([(0, b["p_charge_max_kw"])] * T + [(0, b["p_discharge_max_kw"])] * T
+              + [(None, None)] + [(b["soc_min_frac"] * b["e_kwh"], b["soc_max_frac"] * b["e_kwh"])] * T
+              + [(0, None)] * 2 * T)
+    bounds[ie + T] = (max(e0, bounds[ie + T][0]), bounds[ie + T][1])  # end no lower than the start
+    res = linprog(c, A_eq=np.array(A_eq), b_eq=np.array(b_eq), bounds=bounds, method="highs")
+    assert res.status == 0
+    return res.fun, res.x[ich:ich + T], res.x[idis:idis + T]
+
+
+def test_battery_arbitrage_matches_independent_lp(make_park):
+    park = make_park([BATTERY, LOAD], carbon={"intensity_kg_per_kwh": 0.6, "price_cny_per_t": 100.0})
+    index = day_index()
+    load = office_load_kw(index, 100.0)
+    result = Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))
+    assert result.status == "optimal", result.reason
+    buy = park.tariff.buy_price_cny_per_kwh(index)
+    expected, ch, dis = linprog_battery_cost(load, buy, park.tariff.sell_price_cny_per_kwh(index), 0.25, BATTERY,
+                                             0.6 * 100.0 / 1000)
+    assert result.objective_cny == pytest.approx(expected, rel=1e-6, abs=1e-4)
+    p = result.p_kw["bess"].to_numpy()
+    bands = park.tariff.bands(index)
+    # Charges in the valley, discharges at the peak.
+    assert p[bands == "valley"].sum() < -50 and np.all(p[bands == "valley"] <= 1e-6)
+    assert p[bands == "peak"].sum() > 50 and np.all(p[bands == "peak"] >= -1e-6)
+
+
+def test_plan_respects_soc_and_power_bounds(make_park):
+    park = make_park([BATTERY, LOAD])
+    result = Dispatcher(park).dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
+    soc = result.details["soc_frac"]["bess"]
+    assert soc.min() >= 0.1 - 1e-7 and soc.max() <= 0.9 + 1e-7
+    p = result.p_kw["bess"]
+    assert p.min() >= -50 - 1e-6 and p.max() <= 50 + 1e-6
+    # End-of-horizon SoC is no lower than the start (no free energy from the battery).
+    assert soc.iloc[-1] >= 0.5 - 1e-6
+
+
+def test_ac_balance_at_every_bus(make_park):
+    """The plan's AC solution balances power at every bus (checked with pandapower itself)."""
+    import pandapower as pp
+
+    park = make_park([BATTERY, LOAD])
+    d = Dispatcher(park)
+    result = d.dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
+    p_kw, q_kvar = d.problem.injections()
+    P, Q = d.problem.bus_injections(p_kw, q_kvar)
+    grid = park.grid
+    for t in (0, 40, 72):
+        ac = grid.run_pandapower(P[t], Q[t])
+        assert ac.converged[0]
+        # pandapower's res_bus.p_mw is the net consumption at each bus: minus our injection.
+        net = grid.net
+        res_p_kw = net.res_bus.p_mw.loc[grid.bus_index].to_numpy() * 1000
+        mask = np.arange(grid.n_buses) != grid.slack_position
+        np.testing.assert_allclose(-res_p_kw[mask], P[t][mask], atol=1e-6)
+        # And the park's import equals consumption plus losses.
+        assert result.grid["p_import_kw"].iloc[t] == pytest.approx(-P[t].sum() + result.grid["losses_kw"].iloc[t],
+                                                                   abs=1e-3)
+        assert result.grid["losses_kw"].iloc[t] >= 0
+
+
+def test_binding_transformer_limit_holds_in_ac(make_park):
+    # 0.25 MVA transformer; the battery would like to charge 200 kW in the valley on top of the load.
+    big = {**BATTERY, "e_kwh": 1000, "p_charge_max_kw": 200, "p_discharge_max_kw": 200}
+    park = make_park([big, {**LOAD, "peak_kw": 150}])
+    index = day_index()
+    load = np.where(index.hour < 8, 120.0, 150.0)
+    result = Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))
+    assert result.status == "optimal", result.reason
+    loading = result.grid["max_loading_percent"]
+    assert loading.max() <= 100.0 + 1e-6
+    assert loading.max() >= 97.0  # the limit really binds
+    assert result.violations_remaining == 0
+
+
+def test_infeasible_request_falls_back_with_reason(make_park):
+    park = make_park([BATTERY, LOAD], connection={"import_limit_kw": 20, "export_limit_kw": 0})
+    d = Dispatcher(park)
+    result = d.dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
+    assert result.status == "fallback"
+    assert "infeasible" in result.reason
+    assert np.all(result.p_kw["bess"] == 0)  # battery fallback: idle
+    assert np.allclose(result.p_kw["office"], -office_load_kw(day_index()))
+
+
+def test_fallback_reuses_the_previous_plan_shifted(make_park):
+    park = make_park([BATTERY, LOAD])
+    d = Dispatcher(park)
+    first = d.dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
+    assert first.ok
+    later = day_index(start="2025-01-15 04:00")
+    inputs = inputs_for(park, office_load_kw(later), index=later,
+                        import_limit_kw=np.full(96, 1.0), buy_price_cny_per_kwh=park.tariff.buy_price_cny_per_kwh(later))
+    result = d.dispatch(inputs, initial_state(park))
+    assert result.status == "fallback" and "previous plan" in result.reason
+    overlap = first.p_kw["bess"].loc[later[0]:]
+    np.testing.assert_allclose(result.p_kw["bess"].loc[overlap.index], overlap)
+    assert np.all(result.p_kw["bess"].loc[later[later > first.index[-1]]] == 0)
+
+
+def test_flex_request_lowers_import_in_its_window(make_park):
+    park = make_park([BATTERY, LOAD])
+    index = day_index()
+    load = office_load_kw(index)
+    base = Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))
+    window = (index >= pd.Timestamp("2025-01-15 09:00", tz="Asia/Shanghai")) & (
+        index < pd.Timestamp("2025-01-15 11:00", tz="Asia/Shanghai"))
+    request = FlexRequest(index[window][0], index[window][-1] + pd.Timedelta("15min"), max_import_kw=60.0,
+                          price_cny_per_kwh=20.0)
+    flexed = Dispatcher(park).dispatch(inputs_for(park, load, flex_requests=[request]), initial_state(park))
+    assert flexed.ok
+    net = -flexed.p_kw.sum(axis=1).to_numpy()
+    assert np.all(net[window] <= 60.0 + 1e-6)
+    assert (-base.p_kw.sum(axis=1).to_numpy()[window]).max() > 60.0  # the request changed the plan
+    assert flexed.costs_cny["flex_deviation"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resolve_with_new_parameters_matches_a_fresh_build(make_park):
+    park = make_park([BATTERY, LOAD])
+    d = Dispatcher(park)
+    index = day_index()
+    d.dispatch(inputs_for(park, office_load_kw(index, 80.0)), initial_state(park))
+    again = d.dispatch(inputs_for(park, office_load_kw(index, 120.0)), initial_state(park))
+    fresh = Dispatcher(make_park([BATTERY, LOAD])).dispatch(inputs_for(park, office_load_kw(index, 120.0)),
+                                                            initial_state(park))
+    assert again.objective_cny == pytest.approx(fresh.objective_cny, rel=1e-7)
+
+
+def test_nan_forecast_is_rejected_naming_the_field(make_park):
+    from vpp.errors import SpecError
+
+    park = make_park([BATTERY, LOAD])
+    load = office_load_kw(day_index())
+    load[5] = np.nan
+    with pytest.raises(SpecError, match="load.demand_kw"):
+        Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))

@@ -1,0 +1,276 @@
+"""PV-storage-charging stations: PV, a battery and EV chargers behind one connection.
+
+Chargers range from 7 kW AC wallboxes to 480 kW liquid-cooled DC units.  Each EV session
+(arrival, departure, requested kWh, the vehicle's max kW) is planned on its charger;
+energy a session cannot get before it leaves is *unmet*, priced by a penalty and reported
+per session, never dropped.  The station's connection has its own import/export limit.
+
+Each charger holds a fixed number of session slots over the horizon, so the problem's
+shape does not change as sessions come and go: a session's slot gets an upper bound that
+is the vehicle's max kW while it is plugged in and zero otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import cvxpy as cp
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vpp.assets.base import AssetSpec, Contribution, Fleet, Horizon, Penalties, nonneg_param, require_shape, steps_array
+from vpp.assets.battery import StorageArrays, StorageParams
+from vpp.assets.pv import PVParams, pv_params_ac_kw
+from vpp.errors import SpecError
+
+SESSION_COLUMNS = ("session_id", "station_id", "charger_id", "arrival", "departure", "energy_kwh", "max_kw")
+
+
+class ChargerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=64)
+    rating_kw: float = Field(gt=0, le=1000, description="7 kW AC up to 480 kW liquid-cooled DC")
+    type: Literal["ac", "dc", "dc_liquid_cooled"] = "ac"
+    efficiency: float = Field(0.95, gt=0, le=1, description="grid-to-vehicle efficiency")
+
+
+class ChargingStationSpec(AssetSpec):
+    kind: Literal["charging_station"] = "charging_station"
+    import_limit_kw: float = Field(gt=0, le=1e5, description="station connection import limit [kW]")
+    export_limit_kw: float = Field(0.0, ge=0, le=1e5, description="station connection export limit [kW]")
+    chargers: list[ChargerSpec] = Field(min_length=1)
+    pv: PVParams | None = None
+    battery: StorageParams | None = None
+    slots_per_charger: int = Field(4, ge=1, le=48, description="sessions one charger can hold within a horizon")
+
+    @model_validator(mode="after")
+    def _unique_chargers(self):
+        ids = [c.id for c in self.chargers]
+        if len(set(ids)) != len(ids):
+            raise ValueError("charger ids must be unique within a station")
+        return self
+
+
+class ChargingStationFleet(Fleet):
+    kind = "charging_station"
+    Spec = ChargingStationSpec
+
+    def __init__(self, specs):
+        super().__init__(specs)
+        self.pv_owner = np.array([i for i, s in enumerate(self.specs) if s.pv is not None], dtype=int)
+        self.bat_owner = np.array([i for i, s in enumerate(self.specs) if s.battery is not None], dtype=int)
+        self.storage = StorageArrays.from_params([self.specs[i].battery for i in self.bat_owner])
+        self.pv_kva = np.array([self.specs[i].pv.inverter_kva for i in self.pv_owner], dtype=float)
+        # One row per session slot: (station, charger) and the charger's data.
+        self.slot_station, self.slot_charger, self.slot_rating_kw, self.slot_eff = [], [], [], []
+        self.charger_slots: dict[tuple[str, str], list[int]] = {}
+        for i, s in enumerate(self.specs):
+            for c in s.chargers:
+                for _ in range(s.slots_per_charger):
+                    self.charger_slots.setdefault((s.id, c.id), []).append(len(self.slot_station))
+                    self.slot_station.append(i)
+                    self.slot_charger.append(c.id)
+                    self.slot_rating_kw.append(c.rating_kw)
+                    self.slot_eff.append(c.efficiency)
+        self.slot_station = np.array(self.slot_station, dtype=int)
+        self.slot_rating_kw = np.array(self.slot_rating_kw, dtype=float)
+        self.slot_eff = np.array(self.slot_eff, dtype=float)
+        self.n_slots = len(self.slot_station)
+        self.import_limit_kw = self.column("import_limit_kw")
+        self.export_limit_kw = self.column("export_limit_kw")
+        self.slot_sessions: list[str | None] = [None] * self.n_slots
+
+    def _owner_matrix(self, owners: np.ndarray) -> np.ndarray:
+        m = np.zeros((self.n, len(owners)))
+        m[owners, np.arange(len(owners))] = 1.0
+        return m
+
+    def pv_available_kw(self, weather: pd.DataFrame, site) -> np.ndarray:
+        """Available output [kW] of the stations' PV arrays (n_pv, n_steps)."""
+        if self.pv_owner.size == 0:
+            return np.zeros((0, len(weather)))
+        return pv_params_ac_kw([self.specs[i].pv for i in self.pv_owner], weather, site)
+
+    def initial_state(self) -> dict[str, Any]:
+        e0 = np.array([self.specs[i].battery.soc_initial_frac for i in self.bat_owner]) * self.storage.e_kwh
+        return {"e_kwh": e0, "delivered_kwh": {}}
+
+    # --- dispatch problem ---------------------------------------------------------------------
+
+    def build(self, horizon: Horizon) -> Contribution:
+        n, T, dt = self.n, horizon.n_steps, horizon.dt_h
+        self._dt_h = dt
+        self.pv_avail = nonneg_param((self.pv_owner.size, T), "station_pv_avail_kw")
+        self.pv_p = cp.Variable((self.pv_owner.size, T), nonneg=True, name="station_pv_p_kw")
+        self.ev_ub = nonneg_param((self.n_slots, T), "station_ev_ub_kw")
+        self.ev_req = nonneg_param((self.n_slots,), "station_ev_req_kwh")
+        self.unmet_price = cp.Parameter(nonneg=True, name="station_unmet_price", value=0.0)
+        self.ev_p = cp.Variable((self.n_slots, T), nonneg=True, name="station_ev_p_kw")
+        self.ev_unmet = cp.Variable(self.n_slots, nonneg=True, name="station_ev_unmet_kwh")
+        slot_matrix = self._owner_matrix(self.slot_station)
+        constraints = [
+            self.pv_p <= self.pv_avail,
+            self.ev_p <= self.ev_ub,
+            cp.multiply(self.slot_eff * dt, cp.sum(self.ev_p, axis=1)) + self.ev_unmet >= self.ev_req,
+        ]
+        self.ev_total = slot_matrix @ self.ev_p
+        p = -self.ev_total
+        costs = {"ev_unmet_energy": self.unmet_price * cp.sum(self.ev_unmet)}
+        if self.pv_owner.size:
+            p = p + self._owner_matrix(self.pv_owner) @ self.pv_p
+        if self.bat_owner.size:
+            p_bat, bat_constraints, degradation = self.storage.build(horizon, "station_battery")
+            constraints += bat_constraints
+            p = p + self._owner_matrix(self.bat_owner) @ p_bat
+            costs["battery_degradation"] = degradation
+        constraints += [-p <= steps_array(self.import_limit_kw, T), p <= steps_array(self.export_limit_kw, T)]
+        self.p = p
+        return Contribution(p_kw=p, constraints=constraints, costs_cny=costs)
+
+    def _slot_bounds(self, sessions: pd.DataFrame, index: pd.DatetimeIndex, dt_h: float):
+        """Upper bounds (n_slots, T) and energy requirements (n_slots,) for this horizon."""
+        T = len(index)
+        ub = np.zeros((self.n_slots, T))
+        req = np.zeros(self.n_slots)
+        names: list[str | None] = [None] * self.n_slots
+        if sessions is None or len(sessions) == 0:
+            return ub, req, names
+        missing = [c for c in SESSION_COLUMNS if c not in sessions.columns]
+        if missing:
+            raise SpecError("charging_station.sessions", f"missing columns {missing}")
+        horizon_end = index[-1] + pd.Timedelta(hours=dt_h)
+        step = pd.Timedelta(hours=dt_h)
+        busy_until: dict[tuple[str, str], pd.Timestamp] = {}
+        for row in sessions.sort_values("arrival").itertuples(index=False):
+            if row.departure <= index[0] or row.arrival >= horizon_end or row.energy_kwh <= 0:
+                continue
+            slots = self.charger_slots.get((row.station_id, row.charger_id))
+            if slots is None:
+                raise SpecError("charging_station.sessions",
+                                f"session {row.session_id!r}: no charger {row.charger_id!r} at station {row.station_id!r}")
+            key = (row.station_id, row.charger_id)
+            if key in busy_until and row.arrival < busy_until[key]:
+                raise SpecError("charging_station.sessions",
+                                f"session {row.session_id!r} overlaps the previous session on charger {row.charger_id!r}")
+            slot = next((k for k in slots if names[k] is None), None)
+            if slot is None:
+                raise SpecError("charging_station.sessions",
+                                f"session {row.session_id!r}: charger {row.charger_id!r} has more sessions in the horizon "
+                                f"than slots_per_charger={len(slots)}")
+            busy_until[key] = row.departure
+            names[slot] = row.session_id
+            # A step counts as plugged in only if the car is there for the whole step.
+            plugged = np.asarray((index >= row.arrival) & (index + step <= row.departure))
+            max_kw = min(float(row.max_kw), self.slot_rating_kw[slot])
+            ub[slot] = np.where(plugged, max_kw, 0.0)
+            # Energy the car can still get after the horizon ends counts as not needed now.
+            hours_after = max((row.departure - horizon_end).total_seconds() / 3600.0, 0.0)
+            req[slot] = max(float(row.energy_kwh) - max_kw * self.slot_eff[slot] * hours_after, 0.0)
+        return ub, req, names
+
+    def update(self, state, forecast, penalties: Penalties) -> None:
+        T = self.ev_ub.shape[1]
+        index = forecast["index"]
+        dt_h = (index[1] - index[0]).total_seconds() / 3600.0 if len(index) > 1 else 0.25
+        ub, req, names = self._slot_bounds(self._remaining(forecast.get("sessions"), state), index, dt_h)
+        self.ev_ub.value, self.ev_req.value, self.slot_sessions = ub, req, names
+        self.pv_avail.value = np.clip(require_shape("charging_station.pv_avail_kw", forecast["pv_avail_kw"],
+                                                    (self.pv_owner.size, T)), 0, None)
+        if self.bat_owner.size:
+            self.storage.update(state["e_kwh"], "charging_station.e_kwh")
+        self.unmet_price.value = penalties.ev_unmet_cny_per_kwh
+
+    @staticmethod
+    def _remaining(sessions: pd.DataFrame | None, state) -> pd.DataFrame | None:
+        """Sessions with the energy already delivered (per the state) taken off."""
+        if sessions is None or len(sessions) == 0 or not state.get("delivered_kwh"):
+            return sessions
+        delivered = sessions["session_id"].map(state["delivered_kwh"]).fillna(0.0)
+        return sessions.assign(energy_kwh=(sessions["energy_kwh"] - delivered).clip(lower=0.0))
+
+    def fallback_kw(self, state, forecast, horizon: Horizon) -> np.ndarray:
+        """No plan: PV at full output, battery idle, every car at full power, capped at the import limit."""
+        ub, req, _ = self._slot_bounds(self._remaining(forecast.get("sessions"), state), forecast["index"], horizon.dt_h)
+        # Cars stop once their request is met.
+        ev = np.where(np.cumsum(ub * self.slot_eff[:, None] * horizon.dt_h, axis=1) <= req[:, None] + ub * horizon.dt_h,
+                      ub, 0.0)
+        p = -self._owner_matrix(self.slot_station) @ ev
+        if self.pv_owner.size:
+            p = p + self._owner_matrix(self.pv_owner) @ np.asarray(forecast["pv_avail_kw"], float)
+        return np.clip(p, -self.import_limit_kw[:, None], self.export_limit_kw[:, None])
+
+    def plan_details(self) -> dict[str, np.ndarray]:
+        out = {"ev_kw": self.ev_total.value}
+        if self.bat_owner.size:
+            soc = np.full((self.n, self.ev_p.shape[1]), np.nan)
+            soc[self.bat_owner] = self.storage.e.value[:, 1:] / self.storage.e_kwh[:, None]
+            out["soc_frac"] = soc
+        return out
+
+    def session_report(self) -> pd.DataFrame:
+        """Per planned session: energy requested in the horizon, planned and unmet [kWh]."""
+        rows = []
+        for k, sid in enumerate(self.slot_sessions):
+            if sid is None:
+                continue
+            rows.append({
+                "station_id": self.ids[self.slot_station[k]], "charger_id": self.slot_charger[k], "session_id": sid,
+                "requested_kwh": float(self.ev_req.value[k]),
+                "planned_kwh": float(self.ev_p.value[k].sum() * self._dt_h * self.slot_eff[k]),
+                "unmet_kwh": float(max(self.ev_unmet.value[k], 0.0)),
+            })
+        return pd.DataFrame(rows, columns=["station_id", "charger_id", "session_id", "requested_kwh", "planned_kwh",
+                                           "unmet_kwh"])
+
+    # --- plant -----------------------------------------------------------------------------------
+
+    def plant_step(self, state, setpoint_kw, actual, dt_h):
+        """The station's local controller for one step.
+
+        PV gives what the sun allows, the battery follows its planned power
+        (``actual["battery_kw"]``, idle when absent) within its limits, and the plugged-in
+        cars share what is left of the station's setpoint, each up to its max kW and
+        remaining need, never beyond the station's import limit.
+        """
+        setpoint = np.nan_to_num(np.asarray(setpoint_kw, float))
+        pv = np.zeros(self.n)
+        if self.pv_owner.size:
+            pv_avail = np.minimum(np.asarray(actual["pv_avail_kw"], float), self.pv_kva)
+            np.add.at(pv, self.pv_owner, pv_avail)
+        bat = np.zeros(self.n)
+        e_next = np.asarray(state["e_kwh"], float)
+        if self.bat_owner.size:
+            want = np.asarray(actual.get("battery_kw", np.zeros(self.bat_owner.size)), float)
+            e_next, p_bat = self.storage.step(state["e_kwh"], want, dt_h)
+            np.add.at(bat, self.bat_owner, p_bat)
+        ev_budget = np.clip(pv + bat - setpoint, 0.0, None)
+        ev_budget = np.minimum(ev_budget, self.import_limit_kw + pv + bat)
+        delivered = dict(state.get("delivered_kwh", {}))
+        ev = np.zeros(self.n)
+        sessions = actual.get("sessions")
+        if sessions is not None and len(sessions):
+            now = actual["time"]
+            here = sessions[(sessions["arrival"] <= now) & (sessions["departure"] >= now + pd.Timedelta(hours=dt_h))]
+            for i, station_id in enumerate(self.ids):
+                cars = here[here["station_id"] == station_id]
+                budget = ev_budget[i]
+                for row in cars.itertuples(index=False):
+                    eff = self._charger_efficiency(station_id, row.charger_id)
+                    rating = self._charger_rating(station_id, row.charger_id)
+                    need_kw = max(row.energy_kwh - delivered.get(row.session_id, 0.0), 0.0) / (eff * dt_h)
+                    p = min(budget, row.max_kw, rating, need_kw)
+                    if p <= 0:
+                        continue
+                    budget -= p
+                    ev[i] += p
+                    delivered[row.session_id] = delivered.get(row.session_id, 0.0) + p * eff * dt_h
+        p_net = pv + bat - ev
+        return {"e_kwh": e_next, "delivered_kwh": delivered}, p_net, {"ev_kw": ev, "pv_kw": pv, "battery_kw": bat}
+
+    def _charger_efficiency(self, station_id: str, charger_id: str) -> float:
+        return self.slot_eff[self.charger_slots[(station_id, charger_id)][0]]
+
+    def _charger_rating(self, station_id: str, charger_id: str) -> float:
+        return self.slot_rating_kw[self.charger_slots[(station_id, charger_id)][0]]

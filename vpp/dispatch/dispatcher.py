@@ -1,0 +1,194 @@
+"""One dispatch cycle: solve, check the plan by AC power flow, tighten, re-solve.
+
+The cycle never raises for a bad solve: an infeasible problem, a solver failure or an
+exhausted time budget returns a fallback plan (the previous plan shifted to the new
+horizon where it reaches, each asset's safe fallback elsewhere) with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any
+
+import cvxpy as cp
+import numpy as np
+import pandas as pd
+
+from vpp.dispatch.problem import DispatchProblem, HorizonInputs
+from vpp.dispatch.result import DispatchResult, count_violations
+
+log = logging.getLogger(__name__)
+
+_SOLVERS = {"HIGHS": cp.HIGHS, "CLARABEL": cp.CLARABEL}
+
+
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS prints a copyright banner to stdout the first time a solver is created in a
+    process, whatever its options; create that first one with stdout pointed elsewhere so
+    the command's output stays the report."""
+    import highspy
+
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class Dispatcher:
+    """Plans a park cycle after cycle, reusing one compiled problem."""
+
+    def __init__(self, park, problem: DispatchProblem | None = None):
+        self.park = park
+        self.problem = problem or DispatchProblem(park)
+        self.previous: DispatchResult | None = None
+
+    def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> DispatchResult:
+        """Plan the horizon in ``inputs`` from ``state``.
+
+        Raises
+        ------
+        SpecError
+            Only for malformed inputs (shapes, NaN), never for a failed solve.
+        """
+        t_start = time.perf_counter()
+        settings, grid, problem = self.park.settings, self.park.grid, self.problem
+        problem.update(inputs, state)
+        solve_s = ac_s = 0.0
+        result = None
+        for iteration in range(1, settings.max_grid_iterations + 1):
+            remaining_s = settings.time_budget_s - (time.perf_counter() - t_start)
+            if remaining_s <= 0:
+                result = self._fallback(inputs, state, f"time budget of {settings.time_budget_s:g} s spent after "
+                                        f"{iteration - 1} grid iteration(s)")
+                break
+            t0 = time.perf_counter()
+            failure = self._solve(remaining_s)
+            solve_s += time.perf_counter() - t0
+            if failure:
+                result = self._fallback(inputs, state, failure)
+                break
+            p_kw, q_kvar = problem.injections()
+            t0 = time.perf_counter()
+            ac, violations = self._check(p_kw, q_kvar, inputs)
+            ac_s += time.perf_counter() - t0
+            if violations.sum() == 0 or iteration == settings.max_grid_iterations:
+                reason = None if violations.sum() == 0 else (
+                    f"{int(violations.sum())} grid limit violation(s) remain after {iteration} iteration(s)")
+                result = self._plan(inputs, p_kw, q_kvar, ac, violations, reason, iteration)
+                break
+            losses = ac.p_slack_kw + sum(p.sum(axis=0) for p in p_kw.values())
+            problem.correct(ac, losses)
+        result.solve_s, result.ac_check_s = solve_s, ac_s + result.ac_check_s
+        result.total_s = time.perf_counter() - t_start
+        if result.ok:
+            self.previous = result
+        log.info("dispatch %s status=%s objective_cny=%.2f iterations=%d solve_s=%.3f ac_s=%.3f violations=%d%s",
+                 inputs.index[0].isoformat(), result.status, result.objective_cny, result.grid_iterations,
+                 result.solve_s, result.ac_check_s, result.violations_remaining,
+                 f" reason={result.reason!r}" if result.reason else "")
+        return result
+
+    def _solve(self, time_limit_s: float) -> str | None:
+        """Solve the compiled problem; return why it failed, or None."""
+        solver = self.park.settings.solver
+        options = {"time_limit": float(time_limit_s)}
+        try:
+            if solver == "HIGHS":
+                _silence_highs_banner()
+                # cvxpy passes HiGHS no basis, and its warm start makes re-solves slower.
+                self.problem.problem.solve(solver=_SOLVERS[solver], warm_start=False, **options)
+            else:
+                self.problem.problem.solve(solver=_SOLVERS[solver], **options)
+        except cp.error.SolverError as error:
+            return f"solver {solver} failed: {error}"
+        except Exception as error:  # a solver crash must not take the dispatch loop down
+            log.exception("solver raised")
+            return f"solver {solver} raised {type(error).__name__}: {error}"
+        status = self.problem.problem.status
+        if status == cp.OPTIMAL:
+            return None
+        if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+            return "problem infeasible: the limits, requests and asset states cannot all be met"
+        if status in (cp.UNBOUNDED, cp.UNBOUNDED_INACCURATE):
+            return "problem unbounded: check prices and limits"
+        if status == cp.USER_LIMIT:
+            return f"solver {solver} hit its time limit of {time_limit_s:.1f} s"
+        return f"solver {solver} ended with status {status}"
+
+    def _check(self, p_kw, q_kvar, inputs: HorizonInputs):
+        grid, problem = self.park.grid, self.problem
+        P, Q = problem.bus_injections(p_kw, q_kvar)
+        ac = grid.run_ac(P, Q)
+        v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
+        v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
+        violations = count_violations(ac, v_min, v_max, problem.branch_limit_percent, inputs.import_limit_kw,
+                                      inputs.export_limit_kw)
+        return ac, violations
+
+    def _grid_table(self, index, ac, violations) -> pd.DataFrame:
+        return pd.DataFrame({
+            "p_import_kw": ac.p_slack_kw, "max_loading_percent": ac.loading_percent.max(axis=1),
+            "vm_min_pu": ac.vm_pu.min(axis=1), "vm_max_pu": ac.vm_pu.max(axis=1),
+            "losses_kw": ac.losses_kw, "violations": violations, "converged": ac.converged,
+        }, index=index)
+
+    def _frames(self, index, per_kind: dict[str, np.ndarray]) -> pd.DataFrame:
+        columns, blocks = [], []
+        for kind, values in per_kind.items():
+            columns += self.park.fleets[kind].ids
+            blocks.append(values)
+        return pd.DataFrame(np.vstack(blocks).T, index=index, columns=columns)
+
+    def _plan(self, inputs, p_kw, q_kvar, ac, violations, reason, iterations) -> DispatchResult:
+        index = inputs.index
+        details: dict[str, dict[str, np.ndarray]] = {}
+        sessions = pd.DataFrame()
+        for kind, fleet in self.park.fleets.items():
+            for name, values in fleet.plan_details().items():
+                details.setdefault(name, {})[kind] = values
+            if hasattr(fleet, "session_report"):
+                sessions = fleet.session_report()
+        dt_h = self.problem.horizon.dt_h
+        co2_t = float(np.sum(np.clip(ac.p_slack_kw, 0, None) * inputs.carbon_kg_per_kwh) * dt_h / 1000.0)
+        return DispatchResult(
+            status="optimal", reason=reason, p_kw=self._frames(index, p_kw), q_kvar=self._frames(index, q_kvar),
+            costs_cny=self.problem.cost_breakdown(), grid=self._grid_table(index, ac, violations),
+            details={name: self._frames(index, d) for name, d in details.items()}, ev_sessions=sessions,
+            grid_iterations=iterations, co2_t=co2_t,
+        )
+
+    def _fallback(self, inputs: HorizonInputs, state, reason: str) -> DispatchResult:
+        """Previous plan shifted onto this horizon where it reaches, asset fallbacks elsewhere."""
+        horizon, index = self.problem.horizon, inputs.index
+        p_kw = {k: f.fallback_kw(state[k], inputs.forecasts.get(k, {}), horizon) for k, f in self.park.fleets.items()}
+        source = "asset fallback setpoints"
+        if self.previous is not None:
+            shifted = self.previous.shifted(index)
+            if shifted is not None:
+                for kind, fleet in self.park.fleets.items():
+                    # Inflexible loads follow their forecast, not an old plan.
+                    if kind == "load":
+                        continue
+                    old = shifted[fleet.ids].to_numpy().T
+                    p_kw[kind] = np.where(np.isnan(old), p_kw[kind], old)
+                source = "previous plan shifted, asset fallbacks after its end"
+        q_kvar = {k: np.zeros_like(v) for k, v in p_kw.items()}
+        if "load" in self.park.fleets:
+            q_kvar["load"] = self.park.fleets["load"].reactive_kvar(p_kw["load"])
+        t0 = time.perf_counter()
+        ac, violations = self._check(p_kw, q_kvar, inputs)
+        log.warning("dispatch fallback (%s): %s", source, reason)
+        result = DispatchResult(
+            status="fallback", reason=f"{reason}; using {source}", p_kw=self._frames(index, p_kw),
+            q_kvar=self._frames(index, q_kvar), costs_cny={}, grid=self._grid_table(index, ac, violations),
+        )
+        result.ac_check_s = time.perf_counter() - t0
+        return result

@@ -1,0 +1,316 @@
+"""The one place that assembles the dispatch problem.
+
+Every asset kind contributes its variables, constraints and costs (``Fleet.build``); this
+module adds what couples them: the park's power balance at the grid connection, the
+connection's import/export limits, linearised bus-voltage and branch-flow limits from the
+grid model's sensitivities, the tariff, the demand charge, the carbon price and the
+tracking of grid-operator flexibility requests.  The problem is built once over
+``cp.Parameter``\\ s (DPP); each cycle ``update`` only sets their values.
+
+Linear grid model (around zero asset injection, corrected by the AC check)::
+
+    vm[b, t]   = vm0[b] + sum_j dvm_dp[b, j] p_bus[j, t] + dvm_dq[b, j] q_bus[j, t] + vm_correction[b, t]
+    pflow[k, t] = sum_j f_p[k, j] p_bus[j, t]      qflow[k, t] = sum_j f_q[k, j] q_bus[j, t]
+    (|pflow|, |qflow|) inside a polygon inscribed in the circle of radius S_rated * limit * scale
+
+The polygon has vertices at 0, 20, 40, 65 and 90 degrees, so a purely active flow may use
+the full rating and no point of it exceeds the circle (it gives up at most 2.4 % of the
+rating between vertices).  ``vm_correction`` carries the difference between the AC power
+flow and the linear model at the last plan, and ``scale`` shrinks, per branch, wherever
+the AC check found an overload (voltage below nominal and losses raise the current the
+rating limits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cvxpy as cp
+import numpy as np
+import pandas as pd
+
+from vpp.assets import Contribution, Horizon
+from vpp.errors import SpecError
+
+_BIG_KW = 1e6
+_VOLTAGE_MARGIN_PU = 0.002
+# Headroom kept below a branch rating from the start (voltage below 1 p.u. raises current).
+_INITIAL_FLOW_SCALE = 0.99
+# Branch capability polygon: vertices at these angles on the (|P|, |Q|) quarter circle.
+_VERTEX_DEG = np.array([0.0, 20.0, 40.0, 65.0, 90.0])
+# Steps whose AC loading is within this fraction of the limit share a branch's tightening.
+_NEAR_LIMIT_FRAC = 0.97
+
+
+@dataclass(frozen=True)
+class FlexRequest:
+    """A grid operator's request on the park's net import [kW] for a window.
+
+    ``max_import_kw`` alone reads "hold the park at or below X"; both bounds equal reads
+    "follow X".  Deviations are priced at ``price_cny_per_kwh`` (or the park default).
+    """
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+    max_import_kw: float | None = None
+    min_import_kw: float | None = None
+    price_cny_per_kwh: float | None = None
+
+    def __post_init__(self):
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise SpecError("flex_request.start", "times must be timezone-aware")
+        if self.end <= self.start:
+            raise SpecError("flex_request.end", "must be after start")
+        if self.max_import_kw is None and self.min_import_kw is None:
+            raise SpecError("flex_request", "give max_import_kw, min_import_kw or both")
+        if self.max_import_kw is not None and self.min_import_kw is not None and self.min_import_kw > self.max_import_kw:
+            raise SpecError("flex_request.min_import_kw", "must not exceed max_import_kw")
+
+
+@dataclass
+class HorizonInputs:
+    """Everything exogenous the optimizer needs for one cycle.
+
+    ``index`` holds the start of each step (tz-aware).  ``forecasts`` maps an asset kind to
+    the forecast arrays its fleet reads (see each fleet's ``update``).  Limits are per step
+    so that grid-operator windows (a maintenance outage, say) can tighten them.
+    """
+
+    index: pd.DatetimeIndex
+    forecasts: dict[str, dict[str, Any]]
+    buy_price_cny_per_kwh: np.ndarray
+    sell_price_cny_per_kwh: np.ndarray
+    carbon_kg_per_kwh: np.ndarray
+    import_limit_kw: np.ndarray
+    export_limit_kw: np.ndarray
+    peak_import_so_far_kw: float = 0.0
+    flex_requests: list[FlexRequest] = field(default_factory=list)
+    branch_limit_percent: np.ndarray | None = None  # (n_branches, n_steps); None = network ratings
+    v_min_pu: np.ndarray | None = None  # (n_buses,) overrides of the voltage band
+    v_max_pu: np.ndarray | None = None
+
+
+class DispatchProblem:
+    """The park's dispatch LP, built once for a park and a horizon."""
+
+    def __init__(self, park):
+        self.park = park
+        s = park.settings
+        self.horizon = Horizon(s.horizon_steps, s.dt_h)
+        T, dt = self.horizon.n_steps, self.horizon.dt_h
+        grid = park.grid
+        self.contributions: dict[str, Contribution] = {k: f.build(self.horizon) for k, f in park.fleets.items()}
+        self.incidence = {k: self._incidence(park.bus_positions(k), grid.n_buses) for k in park.fleets}
+        sens = grid.sensitivities()
+        self.sens = sens
+
+        # Buses and branches that assets can move: the others need no constraint rows.
+        asset_buses = np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets]))
+        asset_buses = asset_buses[asset_buses != grid.slack_position]
+        self.watched_buses = asset_buses
+        moved = np.abs(sens.branch_p_per_kw[:, asset_buses]).sum(axis=1) > 0
+        self.watched_branches = np.flatnonzero(moved)
+
+        constraints: list = []
+        costs: dict[str, cp.Expression] = {}
+        net_p = 0
+        vm_lin = np.zeros((asset_buses.size, T)) + sens.vm0_pu[asset_buses, None]
+        flow_lin = 0
+        qflow_lin = 0
+        for kind, c in self.contributions.items():
+            constraints += c.constraints
+            for name, cost in c.costs_cny.items():
+                costs[name] = costs[name] + cost if name in costs else cost
+            A = self.incidence[kind]
+            net_p = net_p + cp.sum(c.p_kw, axis=0)
+            vm_lin = vm_lin + (sens.dvm_dp_pu_per_kw[asset_buses] @ A) @ c.p_kw
+            flow_lin = flow_lin + (sens.branch_p_per_kw[self.watched_branches] @ A) @ c.p_kw
+            q = c.q_kvar
+            if q is not None:
+                vm_lin = vm_lin + (sens.dvm_dq_pu_per_kvar[asset_buses] @ A) @ q
+                qflow_lin = qflow_lin + (sens.branch_q_per_kvar[self.watched_branches] @ A) @ q
+        self.net_p_kw = net_p
+
+        # Grid connection: losses come from the last AC check.
+        n_w, n_b = asset_buses.size, self.watched_branches.size
+        self.p = {
+            "buy": cp.Parameter(T, name="buy_cny_per_kwh", value=np.zeros(T)),
+            "sell": cp.Parameter(T, name="sell_cny_per_kwh", value=np.zeros(T)),
+            "carbon_cost": cp.Parameter(T, nonneg=True, name="carbon_cny_per_kwh", value=np.zeros(T)),
+            "import_limit": cp.Parameter(T, nonneg=True, name="import_limit_kw", value=np.zeros(T)),
+            "export_limit": cp.Parameter(T, nonneg=True, name="export_limit_kw", value=np.zeros(T)),
+            "losses": cp.Parameter(T, name="losses_kw", value=np.zeros(T)),
+            "peak_so_far": cp.Parameter(nonneg=True, name="peak_so_far_kw", value=0.0),
+            "demand_rate": cp.Parameter(nonneg=True, name="demand_cny_per_kw", value=0.0),
+            "demand_paid": cp.Parameter(nonneg=True, name="demand_paid_cny", value=0.0),
+            "flex_max": cp.Parameter(T, name="flex_max_import_kw", value=np.full(T, _BIG_KW)),
+            "flex_min": cp.Parameter(T, name="flex_min_import_kw", value=np.full(T, -_BIG_KW)),
+            "flex_price": cp.Parameter(T, nonneg=True, name="flex_cny_per_kwh", value=np.zeros(T)),
+            "vm_corr": cp.Parameter((n_w, T), name="vm_correction_pu", value=np.zeros((n_w, T))),
+            "v_min": cp.Parameter((n_w, T), name="v_min_pu", value=np.zeros((n_w, T))),
+            "v_max": cp.Parameter((n_w, T), name="v_max_pu", value=np.zeros((n_w, T))),
+            "flow_cap": cp.Parameter((n_b, T), nonneg=True, name="flow_cap_kw", value=np.zeros((n_b, T))),
+        }
+        p = self.p
+        self.imp = cp.Variable(T, nonneg=True, name="import_kw")
+        self.exp = cp.Variable(T, nonneg=True, name="export_kw")
+        self.peak = cp.Variable(nonneg=True, name="peak_import_kw")
+        self.flex_dev = cp.Variable(T, nonneg=True, name="flex_deviation_kw")
+        net_import = self.imp - self.exp
+        constraints += [
+            net_import == -net_p + p["losses"],
+            self.imp <= p["import_limit"],
+            self.exp <= p["export_limit"],
+            self.peak >= self.imp,
+            self.peak >= p["peak_so_far"],
+            self.flex_dev >= net_import - p["flex_max"],
+            self.flex_dev >= p["flex_min"] - net_import,
+        ]
+        self.vm_lin = vm_lin
+        if n_w:
+            constraints += [vm_lin + p["vm_corr"] >= p["v_min"], vm_lin + p["vm_corr"] <= p["v_max"]]
+        self.flow_lin = flow_lin
+        if n_b:
+            constraints += self._branch_capability(flow_lin, qflow_lin, p["flow_cap"])
+        self.costs = {
+            "energy": cp.sum(cp.multiply(p["buy"], self.imp) - cp.multiply(p["sell"], self.exp)) * dt,
+            # Only the rise above this month's peak so far costs anything.
+            "demand_charge": p["demand_rate"] * self.peak - p["demand_paid"],
+            "carbon": cp.sum(cp.multiply(p["carbon_cost"], self.imp)) * dt,
+            **costs,
+            "flex_deviation": cp.sum(cp.multiply(p["flex_price"], self.flex_dev)) * dt,
+        }
+        self.problem = cp.Problem(cp.Minimize(cp.sum(list(self.costs.values()))), constraints)
+        if not self.problem.is_dpp():
+            bad = [str(c)[:80] for c in constraints if not c.is_dcp(dpp=True)]
+            bad += [name for name, cost in self.costs.items() if not cost.is_dcp(dpp=True)]
+            raise AssertionError(f"the dispatch problem must be DPP; not DPP: {bad}")
+
+    @staticmethod
+    def _branch_capability(pflow, qflow, s_cap) -> list:
+        """(pflow, qflow) within the inscribed polygon of radius ``s_cap`` (see module doc)."""
+        p_abs = cp.Variable(s_cap.shape, nonneg=True, name="branch_p_abs_kw")
+        q_abs = cp.Variable(s_cap.shape, nonneg=True, name="branch_q_abs_kvar")
+        constraints = [p_abs >= pflow, p_abs >= -pflow]
+        if isinstance(qflow, cp.Expression):
+            constraints += [q_abs >= qflow, q_abs >= -qflow]
+        vertices = np.deg2rad(_VERTEX_DEG)
+        for a, b in zip(vertices[:-1], vertices[1:]):
+            normal, half = (a + b) / 2, (b - a) / 2
+            constraints.append(np.cos(normal) * p_abs + np.sin(normal) * q_abs <= np.cos(half) * s_cap)
+        return constraints
+
+    @staticmethod
+    def _incidence(bus_positions: np.ndarray, n_buses: int) -> np.ndarray:
+        A = np.zeros((n_buses, bus_positions.size))
+        A[bus_positions, np.arange(bus_positions.size)] = 1.0
+        return A
+
+    # --- each cycle ------------------------------------------------------------------------------
+
+    def update(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> None:
+        """Set every parameter for this cycle and reset the grid corrections."""
+        T = self.horizon.n_steps
+        if len(inputs.index) != T:
+            raise SpecError("inputs.index", f"expected {T} steps, got {len(inputs.index)}")
+        park, p = self.park, self.p
+        for kind, fleet in park.fleets.items():
+            fleet.update(state[kind], inputs.forecasts.get(kind, {}), park.settings.penalties)
+        p["buy"].value = _finite("inputs.buy_price_cny_per_kwh", inputs.buy_price_cny_per_kwh, T)
+        p["sell"].value = _finite("inputs.sell_price_cny_per_kwh", inputs.sell_price_cny_per_kwh, T)
+        carbon = _finite("inputs.carbon_kg_per_kwh", inputs.carbon_kg_per_kwh, T)
+        p["carbon_cost"].value = np.clip(carbon, 0, None) * park.carbon.price_cny_per_t / 1000.0
+        p["import_limit"].value = np.clip(_finite("inputs.import_limit_kw", inputs.import_limit_kw, T), 0, None)
+        p["export_limit"].value = np.clip(_finite("inputs.export_limit_kw", inputs.export_limit_kw, T), 0, None)
+        p["peak_so_far"].value = max(float(inputs.peak_import_so_far_kw), 0.0)
+        p["demand_rate"].value = park.tariff.demand_charge_cny_per_kw_month
+        p["demand_paid"].value = p["demand_rate"].value * p["peak_so_far"].value
+        p["losses"].value = np.zeros(T)
+        self._set_flex(inputs)
+        grid = park.grid
+        v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
+        v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
+        w = self.watched_buses
+        p["v_min"].value = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
+        p["v_max"].value = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
+        p["vm_corr"].value = np.zeros_like(p["vm_corr"].value)
+        self.branch_limit_percent = (np.repeat(grid.branch_limit_percent[:, None], T, axis=1)
+                                     if inputs.branch_limit_percent is None
+                                     else _finite("inputs.branch_limit_percent", inputs.branch_limit_percent, None))
+        if self.branch_limit_percent.shape != (grid.n_branches, T):
+            raise SpecError("inputs.branch_limit_percent", f"expected shape {(grid.n_branches, T)}")
+        self.flow_scale = np.full((self.watched_branches.size, T), _INITIAL_FLOW_SCALE)
+        self._set_flow_cap()
+
+    def _set_flex(self, inputs: HorizonInputs) -> None:
+        T = self.horizon.n_steps
+        fmax, fmin, price = np.full(T, _BIG_KW), np.full(T, -_BIG_KW), np.zeros(T)
+        starts = inputs.index
+        for r in inputs.flex_requests:
+            in_window = (starts >= r.start) & (starts < r.end)
+            if r.max_import_kw is not None:
+                fmax[in_window] = np.minimum(fmax[in_window], r.max_import_kw)
+            if r.min_import_kw is not None:
+                fmin[in_window] = np.maximum(fmin[in_window], r.min_import_kw)
+            rate = self.park.settings.flex_penalty_cny_per_kwh if r.price_cny_per_kwh is None else r.price_cny_per_kwh
+            price[in_window] = np.maximum(price[in_window], rate)
+        self.p["flex_max"].value, self.p["flex_min"].value, self.p["flex_price"].value = fmax, fmin, price
+
+    def _set_flow_cap(self) -> None:
+        rating = self.park.grid.branch_rating_kva[self.watched_branches, None]
+        self.p["flow_cap"].value = rating * self.branch_limit_percent[self.watched_branches] / 100.0 * self.flow_scale
+
+    # --- grid corrections from the AC check ------------------------------------------------------
+
+    def correct(self, ac, losses_kw: np.ndarray) -> None:
+        """Fold an AC check of the last solution back into the linear model.
+
+        Voltage corrections take the AC-minus-linear difference at every watched bus; branch
+        caps shrink wherever the AC loading exceeded its limit.
+        """
+        w = self.watched_buses
+        self.p["vm_corr"].value = ac.vm_pu[:, w].T - self.vm_lin.value
+        self.p["losses"].value = np.asarray(losses_kw, float)
+        if self.watched_branches.size:
+            loading = ac.loading_percent[:, self.watched_branches].T
+            limit = self.branch_limit_percent[self.watched_branches]
+            ratio = np.where(loading > limit, limit / np.maximum(loading, 1e-9), 1.0).min(axis=1)
+            # A plan that flattens load against a limit moves an overload to the neighbouring
+            # steps, so every step near the limit shares its branch's worst ratio.
+            near = (loading > _NEAR_LIMIT_FRAC * limit) & (ratio[:, None] < 1.0)
+            self.flow_scale = np.where(near, self.flow_scale * ratio[:, None] * 0.995, self.flow_scale)
+            self._set_flow_cap()
+
+    # --- results ---------------------------------------------------------------------------------
+
+    def injections(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Solved active and reactive injections per kind, each (n_assets, n_steps)."""
+        p_kw, q_kvar = {}, {}
+        for kind, c in self.contributions.items():
+            p_kw[kind] = np.asarray(c.p_kw.value, float).reshape(self.park.fleets[kind].n, -1)
+            q_kvar[kind] = (np.zeros_like(p_kw[kind]) if c.q_kvar is None
+                            else np.asarray(c.q_kvar.value, float).reshape(p_kw[kind].shape))
+        return p_kw, q_kvar
+
+    def bus_injections(self, p_kw: dict[str, np.ndarray], q_kvar: dict[str, np.ndarray]):
+        """Per-bus injections (n_steps, n_buses) [kW], [kvar] from per-kind asset arrays."""
+        T = next(iter(p_kw.values())).shape[1]
+        P = np.zeros((T, self.park.grid.n_buses))
+        Q = np.zeros_like(P)
+        for kind in p_kw:
+            P += (self.incidence[kind] @ p_kw[kind]).T
+            Q += (self.incidence[kind] @ q_kvar[kind]).T
+        return P, Q
+
+    def cost_breakdown(self) -> dict[str, float]:
+        return {name: float(expr.value) for name, expr in self.costs.items()}
+
+
+def _finite(name: str, values, n: int | None) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if n is not None and array.shape != (n,):
+        raise SpecError(name, f"expected {n} values, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise SpecError(name, "contains NaN or infinite values")
+    return array
