@@ -5,9 +5,10 @@ Chargers range from 7 kW AC wallboxes to 480 kW liquid-cooled DC units.  Each EV
 energy a session cannot get before it leaves is *unmet*, priced by a penalty and reported
 per session, never dropped.  The station's connection has its own import/export limit.
 
-Each charger holds a fixed number of session slots over the horizon, so the problem's
-shape does not change as sessions come and go: a session's slot gets an upper bound that
-is the vehicle's max kW while it is plugged in and zero otherwise.
+Each charger has one power variable per step, bounded by the max kW of the car plugged in
+at that step (zero when free), and a fixed number of session slots over the horizon, so
+the problem's shape does not change as sessions come and go: a slot is a mask of the
+steps its session is plugged in, over which the car's energy is counted.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ChargingStationSpec(AssetSpec):
     chargers: list[ChargerSpec] = Field(min_length=1)
     pv: PVParams | None = None
     battery: StorageParams | None = None
-    slots_per_charger: int = Field(4, ge=1, le=48, description="sessions one charger can hold within a horizon")
+    slots_per_charger: int = Field(12, ge=1, le=96, description="sessions one charger can hold within a horizon")
 
     @model_validator(mode="after")
     def _unique_chargers(self):
@@ -63,17 +64,24 @@ class ChargingStationFleet(Fleet):
         self.bat_owner = np.array([i for i, s in enumerate(self.specs) if s.battery is not None], dtype=int)
         self.storage = StorageArrays.from_params([self.specs[i].battery for i in self.bat_owner])
         self.pv_kva = np.array([self.specs[i].pv.inverter_kva for i in self.pv_owner], dtype=float)
-        # One row per session slot: (station, charger) and the charger's data.
-        self.slot_station, self.slot_charger, self.slot_rating_kw, self.slot_eff = [], [], [], []
+        # One row per charger, and one per session slot (each slot belongs to one charger).
+        self.charger_station, self.slot_station, self.slot_charger, self.slot_ch = [], [], [], []
+        self.slot_rating_kw, self.slot_eff = [], []
         self.charger_slots: dict[tuple[str, str], list[int]] = {}
         for i, s in enumerate(self.specs):
             for c in s.chargers:
+                ch = len(self.charger_station)
+                self.charger_station.append(i)
                 for _ in range(s.slots_per_charger):
                     self.charger_slots.setdefault((s.id, c.id), []).append(len(self.slot_station))
                     self.slot_station.append(i)
                     self.slot_charger.append(c.id)
+                    self.slot_ch.append(ch)
                     self.slot_rating_kw.append(c.rating_kw)
                     self.slot_eff.append(c.efficiency)
+        self.charger_station = np.array(self.charger_station, dtype=int)
+        self.n_chargers = self.charger_station.size
+        self.slot_ch = np.array(self.slot_ch, dtype=int)
         self.slot_station = np.array(self.slot_station, dtype=int)
         self.slot_rating_kw = np.array(self.slot_rating_kw, dtype=float)
         self.slot_eff = np.array(self.slot_eff, dtype=float)
@@ -104,18 +112,22 @@ class ChargingStationFleet(Fleet):
         self._dt_h = dt
         self.pv_avail = nonneg_param((self.pv_owner.size, T), "station_pv_avail_kw")
         self.pv_p = cp.Variable((self.pv_owner.size, T), nonneg=True, name="station_pv_p_kw")
-        self.ev_ub = nonneg_param((self.n_slots, T), "station_ev_ub_kw")
+        self.charger_ub = nonneg_param((self.n_chargers, T), "station_charger_ub_kw")
+        self.slot_mask = nonneg_param((self.n_slots, T), "station_slot_mask")
         self.ev_req = nonneg_param((self.n_slots,), "station_ev_req_kwh")
         self.unmet_price = cp.Parameter(nonneg=True, name="station_unmet_price", value=0.0)
-        self.ev_p = cp.Variable((self.n_slots, T), nonneg=True, name="station_ev_p_kw")
+        self.charger_p = cp.Variable((self.n_chargers, T), nonneg=True, name="station_charger_p_kw")
         self.ev_unmet = cp.Variable(self.n_slots, nonneg=True, name="station_ev_unmet_kwh")
-        slot_matrix = self._owner_matrix(self.slot_station)
+        slot_of_charger = np.zeros((self.n_slots, self.n_chargers))
+        slot_of_charger[np.arange(self.n_slots), self.slot_ch] = 1.0
+        # Each slot's charger power, counted only while its car is plugged in.
+        self.slot_p = cp.multiply(self.slot_mask, slot_of_charger @ self.charger_p)
         constraints = [
             self.pv_p <= self.pv_avail,
-            self.ev_p <= self.ev_ub,
-            cp.multiply(self.slot_eff * dt, cp.sum(self.ev_p, axis=1)) + self.ev_unmet >= self.ev_req,
+            self.charger_p <= self.charger_ub,
+            cp.multiply(self.slot_eff * dt, cp.sum(self.slot_p, axis=1)) + self.ev_unmet >= self.ev_req,
         ]
-        self.ev_total = slot_matrix @ self.ev_p
+        self.ev_total = self._owner_matrix(self.charger_station) @ self.charger_p
         p = -self.ev_total
         costs = {"ev_unmet_energy": self.unmet_price * cp.sum(self.ev_unmet)}
         if self.pv_owner.size:
@@ -171,11 +183,14 @@ class ChargingStationFleet(Fleet):
         return ub, req, names
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        T = self.ev_ub.shape[1]
+        T = self.charger_ub.shape[1]
         index = forecast["index"]
         dt_h = (index[1] - index[0]).total_seconds() / 3600.0 if len(index) > 1 else 0.25
         ub, req, names = self._slot_bounds(self._remaining(forecast.get("sessions"), state), index, dt_h)
-        self.ev_ub.value, self.ev_req.value, self.slot_sessions = ub, req, names
+        charger_ub = np.zeros((self.n_chargers, ub.shape[1]))
+        np.add.at(charger_ub, self.slot_ch, ub)  # a charger's sessions never overlap
+        self.charger_ub.value, self.slot_mask.value = charger_ub, (ub > 0).astype(float)
+        self.ev_req.value, self.slot_sessions = req, names
         self.pv_avail.value = np.clip(require_shape("charging_station.pv_avail_kw", forecast["pv_avail_kw"],
                                                     (self.pv_owner.size, T)), 0, None)
         if self.bat_owner.size:
@@ -204,7 +219,7 @@ class ChargingStationFleet(Fleet):
     def plan_details(self) -> dict[str, np.ndarray]:
         out = {"ev_kw": self.ev_total.value}
         if self.bat_owner.size:
-            soc = np.full((self.n, self.ev_p.shape[1]), np.nan)
+            soc = np.full((self.n, self.charger_p.shape[1]), np.nan)
             soc[self.bat_owner] = self.storage.e.value[:, 1:] / self.storage.e_kwh[:, None]
             out["soc_frac"] = soc
         return out
@@ -218,7 +233,7 @@ class ChargingStationFleet(Fleet):
             rows.append({
                 "station_id": self.ids[self.slot_station[k]], "charger_id": self.slot_charger[k], "session_id": sid,
                 "requested_kwh": float(self.ev_req.value[k]),
-                "planned_kwh": float(self.ev_p.value[k].sum() * self._dt_h * self.slot_eff[k]),
+                "planned_kwh": float(self.slot_p.value[k].sum() * self._dt_h * self.slot_eff[k]),
                 "unmet_kwh": float(max(self.ev_unmet.value[k], 0.0)),
             })
         return pd.DataFrame(rows, columns=["station_id", "charger_id", "session_id", "requested_kwh", "planned_kwh",

@@ -151,7 +151,7 @@ class Dispatcher:
         index = inputs.index
         details: dict[str, dict[str, np.ndarray]] = {}
         sessions = pd.DataFrame()
-        for kind, fleet in self.park.fleets.items():
+        for kind, fleet in self.problem.fleets.items():
             for name, values in fleet.plan_details().items():
                 details.setdefault(name, {})[kind] = values
             if hasattr(fleet, "session_report"):

@@ -14,8 +14,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandapower as pp
+import pandapower.networks as pn
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from pandapower.pypower.idx_brch import BR_R, BR_X, F_BUS, T_BUS
+from pandapower.pypower.idx_bus import BASE_KV, PD, QD
 from scipy.sparse.csgraph import shortest_path
 
 from vpp.errors import GridModelError, SpecError
@@ -35,8 +39,6 @@ _PF_OPTIONS = dict(numba=False, calculate_voltage_angles=True, trafo_model="t",
 
 def _runpp(net) -> None:
     """Run one pandapower power flow with the fixed options of this module."""
-    import pandapower as pp
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*numba.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -44,7 +46,7 @@ def _runpp(net) -> None:
 
 
 def load_network(benchmark: str | None = None, json_path: str | None = None,
-                 drop_elements: bool = True):
+                 drop_elements: bool = True) -> pp.pandapowerNet:
     """Load a pandapower network from a benchmark name or a JSON file.
 
     Parameters
@@ -68,9 +70,6 @@ def load_network(benchmark: str | None = None, json_path: str | None = None,
         Not exactly one source given (``network``), unknown benchmark
         (``network.benchmark``) or unreadable file (``network.json_path``).
     """
-    import pandapower as pp
-    import pandapower.networks as pn
-
     if (benchmark is None) == (json_path is None):
         raise SpecError("network", "give exactly one of 'benchmark' or 'json_path'")
     if benchmark is not None:
@@ -175,6 +174,7 @@ def _column(table, name: str, default: float) -> np.ndarray:
 
 
 def _label(name, fallback: str) -> str:
+    """``name`` if it is a non-empty string, else ``fallback``."""
     return name if isinstance(name, str) and name else fallback
 
 
@@ -198,12 +198,8 @@ class GridModel:
         ext_grid, or a failing base power flow.
     """
 
-    def __init__(self, net, v_min_pu: float = 0.95, v_max_pu: float = 1.05,
+    def __init__(self, net: pp.pandapowerNet, v_min_pu: float = 0.95, v_max_pu: float = 1.05,
                  max_loading_percent: float = 100.0):
-        import pandapower as pp
-        from pandapower.pypower.idx_brch import BR_R, BR_X, F_BUS, T_BUS
-        from pandapower.pypower.idx_bus import BASE_KV, PD, QD
-
         net = copy.deepcopy(net)
         ext = net.ext_grid[net.ext_grid.in_service.astype(bool)]
         if len(ext) != 1:
@@ -287,6 +283,14 @@ class GridModel:
         self._lu0 = spla.splu(self._jacobian(self._V0[None, :],
                                              (self._ybus @ self._V0)[None, :]).tocsc())
 
+    @property
+    def net(self) -> pp.pandapowerNet:
+        """The model's own copy of the network; ``res_*`` hold the last ``run_pandapower``.
+
+        It carries one extra sgen per bus (named ``vpp``) for the injections.
+        """
+        return self._net
+
     def bus_position(self, bus: int | str) -> int:
         """Position in bus order of a bus given by pandapower index or name.
 
@@ -342,9 +346,8 @@ class GridModel:
         """
         n_int, ref, f, t = len(self._V0), self._ref, self._f_all, self._t_all
         nbr = len(f)
-        inc = sp.csr_matrix((np.r_[np.ones(nbr), -np.ones(nbr)],
-                             (np.r_[np.arange(nbr), np.arange(nbr)], np.r_[f, t])),
-                            shape=(nbr, n_int))
+        inc = sp.csr_matrix((np.r_[np.ones(nbr), -np.ones(nbr)],       # +1 from-bus, -1 to-bus
+                             (np.r_[0:nbr, 0:nbr], np.r_[f, t])), shape=(nbr, n_int))
         w = sp.diags(1.0 / np.maximum(self._z_all, 1e-9))
         others = np.flatnonzero(np.arange(n_int) != ref)
         factors = np.zeros((nbr, n_int))
@@ -400,8 +403,8 @@ class GridModel:
         return out
 
     def _inputs(self, p_inj_kw, q_inj_kvar) -> tuple[np.ndarray, np.ndarray]:
-        p = np.atleast_2d(np.asarray(p_inj_kw, dtype=float))
-        q = np.atleast_2d(np.asarray(q_inj_kvar, dtype=float))
+        """Injections as float arrays of shape (n_steps, n_bus), checked."""
+        p, q = (np.atleast_2d(np.asarray(a, dtype=float)) for a in (p_inj_kw, q_inj_kvar))
         for name, a in (("p_inj_kw", p), ("q_inj_kvar", q)):
             if a.ndim != 2 or a.shape[1] != self.n_buses or a.shape != p.shape:
                 raise SpecError(name, f"expected shape (n_steps, {self.n_buses}), got {a.shape}")
@@ -502,8 +505,6 @@ class GridModel:
         AcResult
             With ``n_steps = 1``.
         """
-        import pandapower as pp
-
         p, q = self._inputs(p_inj_kw_1d, q_inj_kvar_1d)
         if p.shape[0] != 1:
             raise SpecError("p_inj_kw", "run_pandapower solves exactly one step")
@@ -513,10 +514,9 @@ class GridModel:
         try:
             _runpp(net)
         except pp.LoadflowNotConverged:
-            nan = np.full(1, np.nan)
             return AcResult(np.full((1, self.n_buses), np.nan),
-                            np.full((1, self.n_branches), np.nan), nan, nan, nan,
-                            np.zeros(1, dtype=bool))
+                            np.full((1, self.n_branches), np.nan),
+                            *(np.full(1, np.nan) for _ in range(3)), np.zeros(1, dtype=bool))
         is_line = np.array(self.branch_kind) == "line"
         res = [net.res_line.loc[self._br_pd[is_line]], net.res_trafo.loc[self._br_pd[~is_line]]]
         loading = np.r_[res[0].loading_percent.to_numpy(float), res[1].loading_percent]

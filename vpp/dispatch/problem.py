@@ -23,6 +23,7 @@ rating limits).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,9 @@ class DispatchProblem:
         self.horizon = Horizon(s.horizon_steps, s.dt_h)
         T, dt = self.horizon.n_steps, self.horizon.dt_h
         grid = park.grid
-        self.contributions: dict[str, Contribution] = {k: f.build(self.horizon) for k, f in park.fleets.items()}
+        # Building binds cvxpy objects to a fleet, so each problem builds its own copies.
+        self.fleets = {k: copy.copy(f) for k, f in park.fleets.items()}
+        self.contributions: dict[str, Contribution] = {k: f.build(self.horizon) for k, f in self.fleets.items()}
         self.incidence = {k: self._incidence(park.bus_positions(k), grid.n_buses) for k in park.fleets}
         sens = grid.sensitivities()
         self.sens = sens
@@ -109,8 +112,7 @@ class DispatchProblem:
         asset_buses = np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets]))
         asset_buses = asset_buses[asset_buses != grid.slack_position]
         self.watched_buses = asset_buses
-        moved = np.abs(sens.branch_p_per_kw[:, asset_buses]).sum(axis=1) > 0
-        self.watched_branches = np.flatnonzero(moved)
+        self._group_branches(sens, np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets])))
 
         constraints: list = []
         costs: dict[str, cp.Expression] = {}
@@ -125,15 +127,15 @@ class DispatchProblem:
             A = self.incidence[kind]
             net_p = net_p + cp.sum(c.p_kw, axis=0)
             vm_lin = vm_lin + (sens.dvm_dp_pu_per_kw[asset_buses] @ A) @ c.p_kw
-            flow_lin = flow_lin + (sens.branch_p_per_kw[self.watched_branches] @ A) @ c.p_kw
+            flow_lin = flow_lin + (sens.branch_p_per_kw[self.group_rep] @ A) @ c.p_kw
             q = c.q_kvar
             if q is not None:
                 vm_lin = vm_lin + (sens.dvm_dq_pu_per_kvar[asset_buses] @ A) @ q
-                qflow_lin = qflow_lin + (sens.branch_q_per_kvar[self.watched_branches] @ A) @ q
+                qflow_lin = qflow_lin + (sens.branch_q_per_kvar[self.group_rep] @ A) @ q
         self.net_p_kw = net_p
 
         # Grid connection: losses come from the last AC check.
-        n_w, n_b = asset_buses.size, self.watched_branches.size
+        n_w, n_b = asset_buses.size, self.group_rep.size
         self.p = {
             "buy": cp.Parameter(T, name="buy_cny_per_kwh", value=np.zeros(T)),
             "sell": cp.Parameter(T, name="sell_cny_per_kwh", value=np.zeros(T)),
@@ -215,7 +217,7 @@ class DispatchProblem:
         if len(inputs.index) != T:
             raise SpecError("inputs.index", f"expected {T} steps, got {len(inputs.index)}")
         park, p = self.park, self.p
-        for kind, fleet in park.fleets.items():
+        for kind, fleet in self.fleets.items():
             fleet.update(state[kind], inputs.forecasts.get(kind, {}), park.settings.penalties)
         p["buy"].value = _finite("inputs.buy_price_cny_per_kwh", inputs.buy_price_cny_per_kwh, T)
         p["sell"].value = _finite("inputs.sell_price_cny_per_kwh", inputs.sell_price_cny_per_kwh, T)
@@ -240,7 +242,7 @@ class DispatchProblem:
                                      else _finite("inputs.branch_limit_percent", inputs.branch_limit_percent, None))
         if self.branch_limit_percent.shape != (grid.n_branches, T):
             raise SpecError("inputs.branch_limit_percent", f"expected shape {(grid.n_branches, T)}")
-        self.flow_scale = np.full((self.watched_branches.size, T), _INITIAL_FLOW_SCALE)
+        self.flow_scale = np.full((self.group_rep.size, T), _INITIAL_FLOW_SCALE)
         self._set_flow_cap()
 
     def _set_flex(self, inputs: HorizonInputs) -> None:
@@ -257,9 +259,30 @@ class DispatchProblem:
             price[in_window] = np.maximum(price[in_window], rate)
         self.p["flex_max"].value, self.p["flex_min"].value, self.p["flex_price"].value = fmax, fmin, price
 
+    def _group_branches(self, sens, asset_buses: np.ndarray) -> None:
+        """Group the branches whose linear flows are identical functions of the assets.
+
+        On a radial feeder every cable between two asset connections carries the same
+        linear flow, so one constraint row per group, against the group's tightest
+        rating, states all of them.  Branches that no asset moves get no row.
+        """
+        fp = np.round(sens.branch_p_per_kw[:, asset_buses], 9)
+        fq = np.round(sens.branch_q_per_kvar[:, asset_buses], 9)
+        groups: dict[bytes, list[int]] = {}
+        for k in np.flatnonzero(np.abs(fp).sum(axis=1) + np.abs(fq).sum(axis=1) > 0):
+            groups.setdefault(fp[k].tobytes() + fq[k].tobytes(), []).append(int(k))
+        self.branch_groups = [np.array(g) for g in groups.values()]
+        self.group_rep = np.array([g[0] for g in self.branch_groups], dtype=int)
+
+    def _group_capacity_kva(self) -> np.ndarray:
+        """Per group and step, the smallest apparent-power limit of its members [kVA]."""
+        rating = self.park.grid.branch_rating_kva
+        return np.array([
+            (rating[g, None] * self.branch_limit_percent[g] / 100.0).min(axis=0) for g in self.branch_groups
+        ]).reshape(len(self.branch_groups), self.horizon.n_steps)
+
     def _set_flow_cap(self) -> None:
-        rating = self.park.grid.branch_rating_kva[self.watched_branches, None]
-        self.p["flow_cap"].value = rating * self.branch_limit_percent[self.watched_branches] / 100.0 * self.flow_scale
+        self.p["flow_cap"].value = self._group_capacity_kva() * self.flow_scale
 
     # --- grid corrections from the AC check ------------------------------------------------------
 
@@ -272,9 +295,11 @@ class DispatchProblem:
         w = self.watched_buses
         self.p["vm_corr"].value = ac.vm_pu[:, w].T - self.vm_lin.value
         self.p["losses"].value = np.asarray(losses_kw, float)
-        if self.watched_branches.size:
-            loading = ac.loading_percent[:, self.watched_branches].T
-            limit = self.branch_limit_percent[self.watched_branches]
+        if self.group_rep.size:
+            # Each group's loading relative to its limit: the worst member counts.
+            rel = np.array([(ac.loading_percent[:, g].T / self.branch_limit_percent[g]).max(axis=0)
+                            for g in self.branch_groups])
+            loading, limit = rel, np.ones_like(rel)
             ratio = np.where(loading > limit, limit / np.maximum(loading, 1e-9), 1.0).min(axis=1)
             # A plan that flattens load against a limit moves an overload to the neighbouring
             # steps, so every step near the limit shares its branch's worst ratio.
@@ -288,7 +313,7 @@ class DispatchProblem:
         """Solved active and reactive injections per kind, each (n_assets, n_steps)."""
         p_kw, q_kvar = {}, {}
         for kind, c in self.contributions.items():
-            p_kw[kind] = np.asarray(c.p_kw.value, float).reshape(self.park.fleets[kind].n, -1)
+            p_kw[kind] = np.asarray(c.p_kw.value, float).reshape(self.fleets[kind].n, -1)
             q_kvar[kind] = (np.zeros_like(p_kw[kind]) if c.q_kvar is None
                             else np.asarray(c.q_kvar.value, float).reshape(p_kw[kind].shape))
         return p_kw, q_kvar

@@ -1,0 +1,86 @@
+"""The reference park's day: optimal, within every limit by AC power flow, limits binding."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vpp.dispatch.dispatcher import Dispatcher
+from vpp.inputs import synthetic_series
+
+
+def plan_day(park, day):
+    start = pd.Timestamp(day, tz=park.site.timezone)
+    series = synthetic_series(park, start, days=1)
+    inputs = series.horizon(park, start)
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    dispatcher = Dispatcher(park)
+    return dispatcher, inputs, dispatcher.dispatch(inputs, state)
+
+
+@pytest.fixture(scope="module")
+def winter(reference_park):
+    return plan_day(reference_park, "2025-01-15")
+
+
+@pytest.fixture(scope="module")
+def spring_weekend(reference_park):
+    return plan_day(reference_park, "2025-05-10")
+
+
+def test_winter_day_transformer_binds_and_holds(winter, reference_park):
+    _, _, result = winter
+    assert result.status == "optimal" and result.violations_remaining == 0, result.reason
+    g = result.grid
+    assert g["max_loading_percent"].max() <= 100.0 + 1e-6
+    assert g["max_loading_percent"].max() >= 98.0
+    assert g["p_import_kw"].max() <= reference_park.connection.import_limit_kw * 1.005
+
+
+def test_spring_weekend_pv_meets_export_and_voltage_limits(spring_weekend, reference_park):
+    _, _, result = spring_weekend
+    assert result.status == "optimal" and result.violations_remaining == 0, result.reason
+    g = result.grid
+    assert g["vm_max_pu"].max() <= 1.05 + 1e-9
+    # The voltage band at the far end of feeder 3 is what holds PV back.
+    assert g["vm_max_pu"].max() >= 1.045
+    assert -g["p_import_kw"].min() <= reference_park.connection.export_limit_kw * 1.005
+
+
+def test_heat_pump_plan_balances_heat(winter, reference_park):
+    dispatcher, inputs, result = winter
+    hp = reference_park.fleets["heat_pump"]
+    forecast = inputs.forecasts["heat_pump"]
+    e = np.column_stack([hp.initial_state()["e_th_kwh"], result.details["e_th_kwh"][hp.ids].to_numpy().T])
+    p_el = -result.p_kw[hp.ids].to_numpy().T
+    keep = 1 - hp.loss_per_h[:, None] * 0.25
+    np.testing.assert_allclose(e[:, 1:], e[:, :-1] * keep + (forecast["cop"] * p_el - forecast["heat_kw_th"]) * 0.25,
+                               atol=1e-4)
+    assert np.all(e <= hp.cap_kwh[:, None] + 1e-6)
+    assert np.all((p_el >= -1e-6) & (p_el <= hp.p_max_kw[:, None] + 1e-6))
+    # Any dip below the comfort band is what the plan reports as shortfall.
+    shortfall = result.details["shortfall_kwh_th"][hp.ids].to_numpy().T
+    assert np.all(e[:, 1:] + shortfall >= -1e-6)
+
+
+def test_charging_hub_balance_and_limits(winter, reference_park):
+    _, inputs, result = winter
+    hub = reference_park.fleets["charging_station"]
+    p = result.p_kw[hub.ids[0]].to_numpy()
+    assert p.min() >= -hub.import_limit_kw[0] - 1e-6 and p.max() <= hub.export_limit_kw[0] + 1e-6
+    sessions = result.ev_sessions
+    assert len(sessions) > 10
+    # Every car's planned energy plus its unmet energy covers its request.
+    np.testing.assert_allclose(sessions["planned_kwh"] + sessions["unmet_kwh"] >= sessions["requested_kwh"] - 1e-4,
+                               True)
+
+
+def test_no_asset_leaves_its_ratings(winter, spring_weekend, reference_park):
+    for _, _, result in (winter, spring_weekend):
+        for spec in reference_park.fleets["battery"].specs:
+            p = result.p_kw[spec.id]
+            assert p.max() <= spec.p_discharge_max_kw + 1e-6 and p.min() >= -spec.p_charge_max_kw - 1e-6
+            soc = result.details["soc_frac"][spec.id]
+            assert soc.min() >= spec.soc_min_frac - 1e-6 and soc.max() <= spec.soc_max_frac + 1e-6
+        for spec in reference_park.fleets["pv"].specs:
+            p, q = result.p_kw[spec.id], result.q_kvar[spec.id]
+            assert np.all(np.hypot(p, q) <= spec.inverter_kva + 1e-6)
