@@ -70,10 +70,14 @@ def test_battery_arbitrage_matches_independent_lp(make_park):
     park = make_park([BATTERY, LOAD], carbon={"intensity_kg_per_kwh": 0.6, "price_cny_per_t": 100.0})
     index = day_index()
     load = office_load_kw(index, 100.0)
-    result = Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))
+    d = Dispatcher(park)
+    result = d.dispatch(inputs_for(park, load), initial_state(park))
     assert result.status == "optimal", result.reason
     buy = park.tariff.buy_price_cny_per_kwh(index)
-    expected, ch, dis = linprog_battery_cost(load, buy, park.tariff.sell_price_cny_per_kwh(index), 0.25, BATTERY,
+    # The optimizer buys the feeder's losses too (estimated by the AC check); so does the check.
+    losses = d.problem.p["losses"].value
+    assert 0 < losses.max() < 5
+    expected, ch, dis = linprog_battery_cost(load + losses, buy, park.tariff.sell_price_cny_per_kwh(index), 0.25, BATTERY,
                                              0.6 * 100.0 / 1000)
     assert result.objective_cny == pytest.approx(expected, rel=1e-6, abs=1e-4)
     p = result.p_kw["bess"].to_numpy()
@@ -175,14 +179,22 @@ def test_flex_request_lowers_import_in_its_window(make_park):
 
 
 def test_resolve_with_new_parameters_matches_a_fresh_build(make_park):
+    """DPP: updating parameters of a compiled problem gives the fresh problem's optimum."""
+    import cvxpy as cp
+
+    from vpp.dispatch.problem import DispatchProblem
+
     park = make_park([BATTERY, LOAD])
-    d = Dispatcher(park)
     index = day_index()
-    d.dispatch(inputs_for(park, office_load_kw(index, 80.0)), initial_state(park))
-    again = d.dispatch(inputs_for(park, office_load_kw(index, 120.0)), initial_state(park))
-    fresh = Dispatcher(make_park([BATTERY, LOAD])).dispatch(inputs_for(park, office_load_kw(index, 120.0)),
-                                                            initial_state(park))
-    assert again.objective_cny == pytest.approx(fresh.objective_cny, rel=1e-7)
+    reused = DispatchProblem(park)
+    reused.update(inputs_for(park, office_load_kw(index, 80.0)), initial_state(park))
+    reused.problem.solve(solver=cp.HIGHS)
+    reused.update(inputs_for(park, office_load_kw(index, 120.0)), initial_state(park))
+    reused.problem.solve(solver=cp.HIGHS)
+    fresh = DispatchProblem(make_park([BATTERY, LOAD]))
+    fresh.update(inputs_for(park, office_load_kw(index, 120.0)), initial_state(park))
+    fresh.problem.solve(solver=cp.HIGHS)
+    assert reused.problem.value == pytest.approx(fresh.problem.value, rel=1e-7)
 
 
 def test_nan_forecast_is_rejected_naming_the_field(make_park):
@@ -193,3 +205,42 @@ def test_nan_forecast_is_rejected_naming_the_field(make_park):
     load[5] = np.nan
     with pytest.raises(SpecError, match="load.demand_kw"):
         Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))
+
+
+def test_solver_failure_falls_back_and_next_cycle_recovers(make_park, monkeypatch):
+    import cvxpy as cp
+
+    park = make_park([BATTERY, LOAD])
+    d = Dispatcher(park)
+    inputs = inputs_for(park, office_load_kw(day_index()))
+
+    def broken(*args, **kwargs):
+        raise cp.error.SolverError("injected failure")
+
+    monkeypatch.setattr(d.problem.problem, "solve", broken)
+    result = d.dispatch(inputs, initial_state(park))
+    assert result.status == "fallback" and "injected failure" in result.reason
+    assert result.grid["converged"].all()  # the fallback plan is still checked by AC power flow
+    monkeypatch.undo()
+    assert d.dispatch(inputs, initial_state(park)).status == "optimal"
+
+
+def test_time_budget_exhausted_falls_back(make_park):
+    park = make_park([BATTERY, LOAD], dispatch={"time_budget_s": 1e-6})
+    result = Dispatcher(park).dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
+    assert result.status == "fallback"
+    assert "time" in result.reason
+
+
+def test_receding_cycles_reuse_grid_corrections(reference_park):
+    """A cycle 15 minutes after the last starts from its corrections and needs fewer AC rounds."""
+    from vpp.inputs import synthetic_series
+
+    start = pd.Timestamp("2025-01-15 06:00", tz=reference_park.site.timezone)
+    series = synthetic_series(reference_park, start.normalize(), days=1)
+    d = Dispatcher(reference_park)
+    state = initial_state(reference_park)
+    first = d.dispatch(series.horizon(reference_park, start), state)
+    second = d.dispatch(series.horizon(reference_park, start + pd.Timedelta("15min")), state)
+    assert first.ok and second.ok and second.violations_remaining == 0
+    assert second.grid_iterations <= first.grid_iterations

@@ -62,6 +62,14 @@ class Dispatcher:
         settings, grid, problem = self.park.settings, self.park.grid, self.problem
         problem.update(inputs, state)
         solve_s = ac_s = 0.0
+        if not problem.warm:
+            # Cold start: linearise around the AC state of the assets' fallback setpoints,
+            # which is closer to any plan than an empty network.
+            t0 = time.perf_counter()
+            p_kw, q_kvar = self._fallback_injections(inputs, state)
+            P, Q = problem.bus_injections(p_kw, q_kvar)
+            problem.correct(self.park.grid.run_ac(P, Q), P, Q, tighten=False)
+            ac_s += time.perf_counter() - t0
         result = None
         for iteration in range(1, settings.max_grid_iterations + 1):
             remaining_s = settings.time_budget_s - (time.perf_counter() - t_start)
@@ -84,8 +92,7 @@ class Dispatcher:
                     f"{int(violations.sum())} grid limit violation(s) remain after {iteration} iteration(s)")
                 result = self._plan(inputs, p_kw, q_kvar, ac, violations, reason, iteration)
                 break
-            losses = ac.p_slack_kw + sum(p.sum(axis=0) for p in p_kw.values())
-            problem.correct(ac, losses)
+            problem.correct(ac, *problem.bus_injections(p_kw, q_kvar))
         result.solve_s, result.ac_check_s = solve_s, ac_s + result.ac_check_s
         result.total_s = time.perf_counter() - t_start
         if result.ok:
@@ -165,10 +172,19 @@ class Dispatcher:
             grid_iterations=iterations, co2_t=co2_t,
         )
 
+    def _fallback_injections(self, inputs: HorizonInputs, state):
+        """Each asset's fallback setpoints over the horizon, with the loads' reactive power."""
+        horizon = self.problem.horizon
+        p_kw = {k: f.fallback_kw(state[k], inputs.forecasts.get(k, {}), horizon) for k, f in self.park.fleets.items()}
+        q_kvar = {k: np.zeros_like(v) for k, v in p_kw.items()}
+        if "load" in self.park.fleets:
+            q_kvar["load"] = self.park.fleets["load"].reactive_kvar(p_kw["load"])
+        return p_kw, q_kvar
+
     def _fallback(self, inputs: HorizonInputs, state, reason: str) -> DispatchResult:
         """Previous plan shifted onto this horizon where it reaches, asset fallbacks elsewhere."""
-        horizon, index = self.problem.horizon, inputs.index
-        p_kw = {k: f.fallback_kw(state[k], inputs.forecasts.get(k, {}), horizon) for k, f in self.park.fleets.items()}
+        index = inputs.index
+        p_kw, q_kvar = self._fallback_injections(inputs, state)
         source = "asset fallback setpoints"
         if self.previous is not None:
             shifted = self.previous.shifted(index)
@@ -180,9 +196,6 @@ class Dispatcher:
                     old = shifted[fleet.ids].to_numpy().T
                     p_kw[kind] = np.where(np.isnan(old), p_kw[kind], old)
                 source = "previous plan shifted, asset fallbacks after its end"
-        q_kvar = {k: np.zeros_like(v) for k, v in p_kw.items()}
-        if "load" in self.park.fleets:
-            q_kvar["load"] = self.park.fleets["load"].reactive_kvar(p_kw["load"])
         t0 = time.perf_counter()
         ac, violations = self._check(p_kw, q_kvar, inputs)
         log.warning("dispatch fallback (%s): %s", source, reason)

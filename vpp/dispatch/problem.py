@@ -228,7 +228,8 @@ class DispatchProblem:
         p["peak_so_far"].value = max(float(inputs.peak_import_so_far_kw), 0.0)
         p["demand_rate"].value = park.tariff.demand_charge_cny_per_kw_month
         p["demand_paid"].value = p["demand_rate"].value * p["peak_so_far"].value
-        p["losses"].value = np.zeros(T)
+        shift = self._steps_since_last(inputs.index)
+        self._last_start = inputs.index[0]
         self._set_flex(inputs)
         grid = park.grid
         v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
@@ -236,14 +237,28 @@ class DispatchProblem:
         w = self.watched_buses
         p["v_min"].value = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
         p["v_max"].value = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
-        p["vm_corr"].value = np.zeros_like(p["vm_corr"].value)
+        # A receding horizon keeps the last cycle's grid corrections, shifted, as its first guess.
+        p["vm_corr"].value = _shifted(p["vm_corr"].value, shift, 0.0)
+        p["losses"].value = _shifted(p["losses"].value, shift, 0.0)
         self.branch_limit_percent = (np.repeat(grid.branch_limit_percent[:, None], T, axis=1)
                                      if inputs.branch_limit_percent is None
                                      else _finite("inputs.branch_limit_percent", inputs.branch_limit_percent, None))
         if self.branch_limit_percent.shape != (grid.n_branches, T):
             raise SpecError("inputs.branch_limit_percent", f"expected shape {(grid.n_branches, T)}")
-        self.flow_scale = np.full((self.group_rep.size, T), _INITIAL_FLOW_SCALE)
+        fresh = np.full((self.group_rep.size, T), _INITIAL_FLOW_SCALE)
+        self.flow_scale = fresh if shift is None else np.minimum(_shifted(self.flow_scale, shift, _INITIAL_FLOW_SCALE), fresh)
+        self.warm = shift is not None
         self._set_flow_cap()
+
+    def _steps_since_last(self, index: pd.DatetimeIndex) -> int | None:
+        """Steps between the last cycle's start and this one's, or None to start afresh."""
+        last = getattr(self, "_last_start", None)
+        if last is None:
+            return None
+        steps = (index[0] - last) / pd.Timedelta(hours=self.horizon.dt_h)
+        if steps != int(steps) or not 0 <= steps < self.horizon.n_steps:
+            return None
+        return int(steps)
 
     def _set_flex(self, inputs: HorizonInputs) -> None:
         T = self.horizon.n_steps
@@ -286,15 +301,21 @@ class DispatchProblem:
 
     # --- grid corrections from the AC check ------------------------------------------------------
 
-    def correct(self, ac, losses_kw: np.ndarray) -> None:
-        """Fold an AC check of the last solution back into the linear model.
+    def correct(self, ac, p_bus_kw: np.ndarray, q_bus_kvar: np.ndarray, tighten: bool = True) -> None:
+        """Fold an AC check of a plan back into the linear model.
 
-        Voltage corrections take the AC-minus-linear difference at every watched bus; branch
-        caps shrink wherever the AC loading exceeded its limit.
+        ``p_bus_kw``, ``q_bus_kvar`` (n_steps, n_buses) are the injections the AC check
+        solved.  Voltage corrections take the AC-minus-linear difference at every watched
+        bus, the connection's losses are taken from the AC slack power and, with
+        ``tighten``, branch caps shrink wherever the AC loading exceeded its limit.
         """
-        w = self.watched_buses
-        self.p["vm_corr"].value = ac.vm_pu[:, w].T - self.vm_lin.value
-        self.p["losses"].value = np.asarray(losses_kw, float)
+        w, sens = self.watched_buses, self.sens
+        vm_lin = sens.vm0_pu[w, None] + sens.dvm_dp_pu_per_kw[w] @ p_bus_kw.T + sens.dvm_dq_pu_per_kvar[w] @ q_bus_kvar.T
+        ok = np.asarray(ac.converged, bool)
+        self.p["vm_corr"].value = np.where(ok[None, :], ac.vm_pu[:, w].T - vm_lin, self.p["vm_corr"].value)
+        self.p["losses"].value = np.where(ok, ac.p_slack_kw + p_bus_kw.sum(axis=1), self.p["losses"].value)
+        if not tighten:
+            return
         if self.group_rep.size:
             # Each group's loading relative to its limit: the worst member counts.
             rel = np.array([(ac.loading_percent[:, g].T / self.branch_limit_percent[g]).max(axis=0)
@@ -330,6 +351,20 @@ class DispatchProblem:
 
     def cost_breakdown(self) -> dict[str, float]:
         return {name: float(expr.value) for name, expr in self.costs.items()}
+
+
+def _shifted(values: np.ndarray, steps: int | None, fill: float) -> np.ndarray:
+    """Move a (..., n_steps) array ``steps`` steps earlier, repeating its last column; reset
+    to ``fill`` when ``steps`` is None."""
+    values = np.asarray(values, float)
+    if steps is None:
+        return np.full_like(values, fill)
+    if steps == 0:
+        return values.copy()
+    out = np.empty_like(values)
+    out[..., :-steps] = values[..., steps:]
+    out[..., -steps:] = values[..., -1:]
+    return out
 
 
 def _finite(name: str, values, n: int | None) -> np.ndarray:
