@@ -116,6 +116,11 @@ class Fleet(abc.ABC):
         the realised power per asset and named per-asset quantities worth recording.
         """
 
+    @abc.abstractmethod
+    def power_range(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per asset: least and greatest active power [kW] and greatest |reactive| [kvar]
+        it can ever put at its bus; the problem leaves out grid rows no asset can bind."""
+
     def plan_details(self) -> dict[str, np.ndarray]:
         """Named (n_assets, n_steps) arrays of the solved plan worth reporting."""
         return {}

@@ -157,6 +157,9 @@ class BatteryFleet(Fleet):
         e_next, p = self.storage.step(state["e_kwh"], setpoint_kw, dt_h)
         return {"e_kwh": e_next}, p, {"e_kwh": e_next, "soc_frac": e_next / self.storage.e_kwh}
 
+    def power_range(self):
+        return -self.storage.p_ch_max_kw, self.storage.p_dis_max_kw.copy(), np.zeros(self.n)
+
     def plan_details(self) -> dict[str, np.ndarray]:
         e = self.storage.e.value
         return {"soc_frac": e[:, 1:] / self.storage.e_kwh[:, None]}

@@ -216,6 +216,9 @@ class ChargingStationFleet(Fleet):
             p = p + self._owner_matrix(self.pv_owner) @ np.asarray(forecast["pv_avail_kw"], float)
         return np.clip(p, -self.import_limit_kw[:, None], self.export_limit_kw[:, None])
 
+    def power_range(self):
+        return -self.import_limit_kw, self.export_limit_kw.copy(), np.zeros(self.n)
+
     def plan_details(self) -> dict[str, np.ndarray]:
         out = {"ev_kw": self.ev_total.value}
         if self.bat_owner.size:

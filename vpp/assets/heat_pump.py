@@ -152,5 +152,8 @@ class HeatPumpFleet(Fleet):
             "comfort_violation_k_h": deficit / self.kwh_per_k * dt_h,
         }
 
+    def power_range(self):
+        return -self.p_max_kw, -self.p_min_kw, np.zeros(self.n)
+
     def plan_details(self) -> dict[str, np.ndarray]:
         return {"e_th_kwh": self.e.value[:, 1:], "shortfall_kwh_th": self.shortfall.value}

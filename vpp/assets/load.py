@@ -55,6 +55,11 @@ class LoadFleet(Fleet):
         demand = np.asarray(actual["demand_kw"], float)
         return state, -demand, {"demand_kw": demand}
 
+    def power_range(self):
+        # Measured loads may overshoot the nominal peak; 20 % covers the synthetic profiles' noise.
+        peak = 1.2 * self.column("peak_kw")
+        return -peak, np.zeros(self.n), peak * self.tan_phi
+
     def reactive_kvar(self, p_kw: np.ndarray) -> np.ndarray:
         """Reactive injection [kvar] that goes with active injection ``p_kw`` (n, ...)."""
         return p_kw * self.tan_phi.reshape((-1,) + (1,) * (np.ndim(p_kw) - 1))

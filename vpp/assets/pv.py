@@ -149,5 +149,8 @@ class PVFleet(Fleet):
         p = np.clip(np.minimum(np.nan_to_num(setpoint_kw, nan=np.inf), avail), 0.0, self.s_kva)
         return state, p, {"avail_kw": avail, "curtailed_kw": avail - p}
 
+    def power_range(self):
+        return np.zeros(self.n), self.s_kva.copy(), self.s_kva * self.q_allowed
+
     def plan_details(self) -> dict[str, np.ndarray]:
         return {"curtailed_kw": self.avail.value - self.p.value, "q_kvar": self.q.value}

@@ -40,6 +40,10 @@ _VOLTAGE_MARGIN_PU = 0.002
 _INITIAL_FLOW_SCALE = 0.99
 # Branch capability polygon: vertices at these angles on the (|P|, |Q|) quarter circle.
 _VERTEX_DEG = np.array([0.0, 20.0, 40.0, 65.0, 90.0])
+# A branch group is left out when its worst-case flow stays below this share of its
+# rating, a bus when its worst-case linear voltage stays this far inside the band.
+_PRUNE_LOADING_FRAC = 0.9
+_PRUNE_SLACK_PU = 0.01
 # Steps whose AC loading is within this fraction of the limit share a branch's tightening.
 _NEAR_LIMIT_FRAC = 0.97
 
@@ -108,11 +112,13 @@ class DispatchProblem:
         sens = grid.sensitivities()
         self.sens = sens
 
-        # Buses and branches that assets can move: the others need no constraint rows.
+        # Buses and branches that assets can push to a limit; the others need no rows.
+        bus_p_min, bus_p_max, bus_q_max = self._bus_power_ranges()
         asset_buses = np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets]))
+        self._group_branches(sens, asset_buses, bus_p_min, bus_p_max, bus_q_max)
         asset_buses = asset_buses[asset_buses != grid.slack_position]
+        asset_buses = asset_buses[self._voltage_can_bind(asset_buses, bus_p_min, bus_p_max, bus_q_max)]
         self.watched_buses = asset_buses
-        self._group_branches(sens, np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets])))
 
         constraints: list = []
         costs: dict[str, cp.Expression] = {}
@@ -274,20 +280,59 @@ class DispatchProblem:
             price[in_window] = np.maximum(price[in_window], rate)
         self.p["flex_max"].value, self.p["flex_min"].value, self.p["flex_price"].value = fmax, fmin, price
 
-    def _group_branches(self, sens, asset_buses: np.ndarray) -> None:
+    def _bus_power_ranges(self):
+        """Per bus: the least and greatest active power and greatest |reactive| power the
+        assets there can inject [kW], [kvar]."""
+        n = self.park.grid.n_buses
+        p_min, p_max, q_max = np.zeros(n), np.zeros(n), np.zeros(n)
+        for kind, fleet in self.park.fleets.items():
+            lo, hi, q = fleet.power_range()
+            buses = self.park.bus_positions(kind)
+            np.add.at(p_min, buses, lo)
+            np.add.at(p_max, buses, hi)
+            np.add.at(q_max, buses, q)
+        return p_min, p_max, q_max
+
+    @staticmethod
+    def _linear_range(f: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        """Least and greatest value of ``f @ x`` for ``lo <= x <= hi`` (rows of f)."""
+        a, b = f * lo, f * hi
+        return np.minimum(a, b).sum(axis=-1), np.maximum(a, b).sum(axis=-1)
+
+    def _voltage_can_bind(self, buses, p_min, p_max, q_max) -> np.ndarray:
+        """Which buses' linearised voltage can come within reach of the band."""
+        sens, grid = self.sens, self.park.grid
+        lo, hi = self._linear_range(sens.dvm_dp_pu_per_kw[buses], p_min, p_max)
+        swing_q = np.abs(sens.dvm_dq_pu_per_kvar[buses]) @ q_max
+        reach = _PRUNE_SLACK_PU
+        return ((sens.vm0_pu[buses] + lo - swing_q < grid.v_min_pu[buses] + reach)
+                | (sens.vm0_pu[buses] + hi + swing_q > grid.v_max_pu[buses] - reach))
+
+    def _group_branches(self, sens, asset_buses, p_min, p_max, q_max) -> None:
         """Group the branches whose linear flows are identical functions of the assets.
 
         On a radial feeder every cable between two asset connections carries the same
         linear flow, so one constraint row per group, against the group's tightest
-        rating, states all of them.  Branches that no asset moves get no row.
+        rating, states all of them.  Groups whose worst-case flow (every asset at the end
+        of its range) stays well inside the rating get no row.
         """
-        fp = np.round(sens.branch_p_per_kw[:, asset_buses], 9)
-        fq = np.round(sens.branch_q_per_kvar[:, asset_buses], 9)
+        fp = np.round(sens.branch_p_per_kw[:, asset_buses], 9) + 0.0  # + 0.0 turns -0.0 into 0.0
+        fq = np.round(sens.branch_q_per_kvar[:, asset_buses], 9) + 0.0
         groups: dict[bytes, list[int]] = {}
         for k in np.flatnonzero(np.abs(fp).sum(axis=1) + np.abs(fq).sum(axis=1) > 0):
             groups.setdefault(fp[k].tobytes() + fq[k].tobytes(), []).append(int(k))
-        self.branch_groups = [np.array(g) for g in groups.values()]
-        self.group_rep = np.array([g[0] for g in self.branch_groups], dtype=int)
+        grid = self.park.grid
+        kept = []
+        for g in groups.values():
+            g = np.array(g)
+            lo, hi = self._linear_range(sens.branch_p_per_kw[g[0]], p_min, p_max)
+            q = np.abs(sens.branch_q_per_kvar[g[0]]) @ q_max
+            worst_kva = np.hypot(max(abs(lo), abs(hi)), q)
+            capacity_kva = (grid.branch_rating_kva[g] * grid.branch_limit_percent[g] / 100.0).min()
+            if worst_kva > _PRUNE_LOADING_FRAC * capacity_kva:
+                kept.append(g)
+        self.branch_groups = kept
+        self.group_rep = np.array([g[0] for g in kept], dtype=int)
 
     def _group_capacity_kva(self) -> np.ndarray:
         """Per group and step, the smallest apparent-power limit of its members [kVA]."""
