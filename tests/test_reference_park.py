@@ -84,3 +84,40 @@ def test_no_asset_leaves_its_ratings(winter, spring_weekend, reference_park):
         for spec in reference_park.fleets["pv"].specs:
             p, q = result.p_kw[spec.id], result.q_kvar[spec.id]
             assert np.all(np.hypot(p, q) <= spec.inverter_kva + 1e-6)
+
+
+@pytest.mark.parametrize("day", ["2025-01-15", "2025-05-10"])
+def test_lazy_grid_rows_reach_the_full_problems_optimum(reference_park, day):
+    """Leaving far-from-binding grid rows out must not change the optimum."""
+    import tomllib
+
+    from vpp.dispatch.problem import DispatchProblem
+    from vpp.site import parse_park
+    from tests.conftest import REFERENCE_PARK
+
+    raw = tomllib.loads(open(REFERENCE_PARK).read())
+    raw.setdefault("dispatch", {})["lazy_grid_rows"] = False
+    full_park = parse_park(raw, base_dir=REFERENCE_PARK.parent)
+    start = pd.Timestamp(day, tz=reference_park.site.timezone)
+    series = synthetic_series(reference_park, start, days=1)
+    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
+    objectives = {}
+    for name, park in (("lazy", reference_park), ("full", full_park)):
+        problem = DispatchProblem(park)
+        problem.update(series.horizon(park, start), state)
+        problem.problem.solve(solver="HIGHS")
+        rounds = 0
+        while problem.activate_broken_rows():
+            problem.problem.solve(solver="HIGHS")
+            rounds += 1
+        assert problem.problem.status == "optimal"
+        objectives[name] = problem.problem.value
+        active, total = problem.active_grid_rows
+        if name == "lazy":
+            assert rounds >= 1 and active < total / 2
+            util, vm = problem.grid_rows(*problem.bus_injections(*problem.injections()))
+            assert util.max() <= 1 + 1e-6
+            assert vm.max() <= problem.v_max_pu.max() + 1e-6 and vm.min() >= problem.v_min_pu.min() - 1e-6
+        else:
+            assert active == total
+    assert objectives["lazy"] == pytest.approx(objectives["full"], rel=1e-6)

@@ -67,6 +67,7 @@ class DispatchSettings(_Section):
     solver: Literal["HIGHS", "CLARABEL"] = "HIGHS"
     time_budget_s: float = Field(20.0, gt=0, le=3600)
     max_grid_iterations: int = Field(5, ge=1, le=20)
+    lazy_grid_rows: bool = True
     ev_unmet_penalty_cny_per_kwh: float = Field(20.0, ge=0)
     comfort_penalty_cny_per_kwh_th: float = Field(5.0, ge=0, description="per kWh_th below the comfort band, per hour")
     reactive_power_cny_per_kvarh: float = Field(0.001, ge=0)

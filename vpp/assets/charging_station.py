@@ -225,6 +225,9 @@ class ChargingStationFleet(Fleet):
             soc = np.full((self.n, self.charger_p.shape[1]), np.nan)
             soc[self.bat_owner] = self.storage.e.value[:, 1:] / self.storage.e_kwh[:, None]
             out["soc_frac"] = soc
+            battery = np.zeros_like(soc)
+            battery[self.bat_owner] = self.storage.p_dis.value - self.storage.p_ch.value
+            out["station_battery_kw"] = battery
         return out
 
     def session_report(self) -> pd.DataFrame:

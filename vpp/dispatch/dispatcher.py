@@ -79,6 +79,11 @@ class Dispatcher:
                 break
             t0 = time.perf_counter()
             failure = self._solve(remaining_s)
+            # Lazy grid rows: re-solve while the plan breaks rows left out of the LP.
+            while not failure and problem.activate_broken_rows():
+                remaining_s = settings.time_budget_s - (time.perf_counter() - t_start)
+                failure = (self._solve(remaining_s) if remaining_s > 0
+                           else f"time budget of {settings.time_budget_s:g} s spent activating grid rows")
             solve_s += time.perf_counter() - t0
             if failure:
                 result = self._fallback(inputs, state, failure)
@@ -97,8 +102,11 @@ class Dispatcher:
         result.total_s = time.perf_counter() - t_start
         if result.ok:
             self.previous = result
-        log.info("dispatch %s status=%s objective_cny=%.2f iterations=%d solve_s=%.3f ac_s=%.3f violations=%d%s",
-                 inputs.index[0].isoformat(), result.status, result.objective_cny, result.grid_iterations,
+            problem.relax_slack_rows()
+        result.lazy_rounds = problem.lazy_rounds
+        log.info("dispatch %s status=%s objective_cny=%.2f iterations=%d lazy_rounds=%d solve_s=%.3f ac_s=%.3f "
+                 "violations=%d%s", inputs.index[0].isoformat(), result.status, result.objective_cny,
+                 result.grid_iterations, result.lazy_rounds,
                  result.solve_s, result.ac_check_s, result.violations_remaining,
                  f" reason={result.reason!r}" if result.reason else "")
         return result

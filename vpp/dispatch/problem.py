@@ -15,7 +15,18 @@ Linear grid model (around zero asset injection, corrected by the AC check)::
 
 The polygon has vertices at 0, 20, 40, 65 and 90 degrees, so a purely active flow may use
 the full rating and no point of it exceeds the circle (it gives up at most 2.4 % of the
-rating between vertices).  ``vm_correction`` carries the difference between the AC power
+rating between vertices).  Each facet is stated for the four sign combinations of
+(pflow, qflow), directly on the assets' variables, so a row whose limit is relaxed is
+switched off by zeroing its coefficients (a 0/1 parameter) and costs the solver nothing.
+
+Lazy grid rows: most steps are nowhere near a grid limit, yet the grid rows make up most
+of the LP.  Every grid row (branch group or watched bus, per step) is therefore *active*
+(its real limit) or *relaxed* (a limit it cannot reach).  A cycle starts from last cycle's
+active rows, shifted; after each solve the linear flows and voltages of all rows are
+evaluated and every relaxed row the plan breaks is activated and the LP solved again,
+until none is broken.  The result is the optimum of the full LP (a relaxation's optimum
+that satisfies every row is optimal for the full problem); rows with wide slack are
+relaxed again for the next cycle.  ``vm_correction`` carries the difference between the AC power
 flow and the linear model at the last plan, and ``scale`` shrinks, per branch, wherever
 the AC check found an overload (voltage below nominal and losses raise the current the
 rating limits).
@@ -46,6 +57,14 @@ _PRUNE_LOADING_FRAC = 0.9
 _PRUNE_SLACK_PU = 0.01
 # Steps whose AC loading is within this fraction of the limit share a branch's tightening.
 _NEAR_LIMIT_FRAC = 0.97
+# Lazy grid rows: a relaxed row's limit, how far a row may be broken before it is
+# activated, and the slack above which an active row is relaxed for the next cycle.
+_RELAXED_KVA = 1e6
+_RELAXED_PU = 10.0
+_LAZY_TOL = 1e-6
+_RELAX_FLOW_FRAC = 0.6
+_RELAX_VOLTAGE_PU = 0.02
+_LAZY_WIDEN_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -119,6 +138,8 @@ class DispatchProblem:
         asset_buses = asset_buses[asset_buses != grid.slack_position]
         asset_buses = asset_buses[self._voltage_can_bind(asset_buses, bus_p_min, bus_p_max, bus_q_max)]
         self.watched_buses = asset_buses
+        self.active_flow = np.zeros((self.group_rep.size, T), bool)
+        self.active_vm = np.zeros((asset_buses.size, T), bool)
 
         constraints: list = []
         costs: dict[str, cp.Expression] = {}
@@ -159,6 +180,9 @@ class DispatchProblem:
             "v_min": cp.Parameter((n_w, T), name="v_min_pu", value=np.zeros((n_w, T))),
             "v_max": cp.Parameter((n_w, T), name="v_max_pu", value=np.zeros((n_w, T))),
             "flow_cap": cp.Parameter((n_b, T), nonneg=True, name="flow_cap_kw", value=np.zeros((n_b, T))),
+            # 1 where a grid row is active, 0 where it is relaxed (its coefficients vanish).
+            "vm_on": cp.Parameter((n_w, T), nonneg=True, name="vm_row_on", value=np.ones((n_w, T))),
+            "flow_on": cp.Parameter((n_b, T), nonneg=True, name="flow_row_on", value=np.ones((n_b, T))),
         }
         p = self.p
         self.imp = cp.Variable(T, nonneg=True, name="import_kw")
@@ -177,10 +201,19 @@ class DispatchProblem:
         ]
         self.vm_lin = vm_lin
         if n_w:
-            constraints += [vm_lin + p["vm_corr"] >= p["v_min"], vm_lin + p["vm_corr"] <= p["v_max"]]
+            # A relaxed row's voltage variable is free and presolve removes it with its definition.
+            vm = cp.Variable((n_w, T), name="vm_lin_pu")
+            constraints += [vm == vm_lin + p["vm_corr"], cp.multiply(p["vm_on"], vm) >= p["v_min"],
+                            cp.multiply(p["vm_on"], vm) <= p["v_max"]]
         self.flow_lin = flow_lin
         if n_b:
-            constraints += self._branch_capability(flow_lin, qflow_lin, p["flow_cap"])
+            pflow = cp.Variable((n_b, T), name="branch_p_kw")
+            constraints.append(pflow == flow_lin)
+            qflow = qflow_lin
+            if isinstance(qflow_lin, cp.Expression):
+                qflow = cp.Variable((n_b, T), name="branch_q_kvar")
+                constraints.append(qflow == qflow_lin)
+            constraints += self._branch_capability(pflow, qflow, p["flow_cap"], p["flow_on"])
         self.costs = {
             "energy": cp.sum(cp.multiply(p["buy"], self.imp) - cp.multiply(p["sell"], self.exp)) * dt,
             # Only the rise above this month's peak so far costs anything.
@@ -196,18 +229,29 @@ class DispatchProblem:
             raise AssertionError(f"the dispatch problem must be DPP; not DPP: {bad}")
 
     @staticmethod
-    def _branch_capability(pflow, qflow, s_cap) -> list:
+    def _branch_capability(pflow, qflow, s_cap, on) -> list:
         """(pflow, qflow) within the inscribed polygon of radius ``s_cap`` (see module doc)."""
-        p_abs = cp.Variable(s_cap.shape, nonneg=True, name="branch_p_abs_kw")
-        q_abs = cp.Variable(s_cap.shape, nonneg=True, name="branch_q_abs_kvar")
-        constraints = [p_abs >= pflow, p_abs >= -pflow]
-        if isinstance(qflow, cp.Expression):
-            constraints += [q_abs >= qflow, q_abs >= -qflow]
         vertices = np.deg2rad(_VERTEX_DEG)
+        has_q = isinstance(qflow, cp.Expression)
+        constraints = []
         for a, b in zip(vertices[:-1], vertices[1:]):
             normal, half = (a + b) / 2, (b - a) / 2
-            constraints.append(np.cos(normal) * p_abs + np.sin(normal) * q_abs <= np.cos(half) * s_cap)
+            c, s = np.cos(normal), np.sin(normal)
+            if not has_q:
+                # Without reactive flow only the facet nearest the P axis can bind.
+                if a == vertices[0]:
+                    cap = np.cos(half) / c * s_cap
+                    constraints += [cp.multiply(on, pflow) <= cap, cp.multiply(on, -pflow) <= cap]
+                continue
+            for sp in (1.0, -1.0):
+                for sq in (1.0, -1.0):
+                    constraints.append(cp.multiply(on, sp * c * pflow + sq * s * qflow) <= np.cos(half) * s_cap)
         return constraints
+
+    def _facets(self) -> list[tuple[float, float, float]]:
+        """(cos, sin, cos(half)) of each polygon facet."""
+        v = np.deg2rad(_VERTEX_DEG)
+        return [(np.cos((a + b) / 2), np.sin((a + b) / 2), np.cos((b - a) / 2)) for a, b in zip(v[:-1], v[1:])]
 
     @staticmethod
     def _incidence(bus_positions: np.ndarray, n_buses: int) -> np.ndarray:
@@ -241,8 +285,8 @@ class DispatchProblem:
         v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
         v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
         w = self.watched_buses
-        p["v_min"].value = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
-        p["v_max"].value = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
+        self.v_min_pu = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
+        self.v_max_pu = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
         # A receding horizon keeps the last cycle's grid corrections, shifted, as its first guess.
         p["vm_corr"].value = _shifted(p["vm_corr"].value, shift, 0.0)
         p["losses"].value = _shifted(p["losses"].value, shift, 0.0)
@@ -254,7 +298,14 @@ class DispatchProblem:
         fresh = np.full((self.group_rep.size, T), _INITIAL_FLOW_SCALE)
         self.flow_scale = fresh if shift is None else np.minimum(_shifted(self.flow_scale, shift, _INITIAL_FLOW_SCALE), fresh)
         self.warm = shift is not None
+        lazy = park.settings.lazy_grid_rows
+        self.active_flow = (_shifted(self.active_flow, shift, 0.0) > 0.5 if lazy
+                            else np.ones((self.group_rep.size, T), bool))
+        self.active_vm = (_shifted(self.active_vm, shift, 0.0) > 0.5 if lazy
+                          else np.ones((self.watched_buses.size, T), bool))
+        self.lazy_rounds = 0
         self._set_flow_cap()
+        self._set_voltage_band()
 
     def _steps_since_last(self, index: pd.DatetimeIndex) -> int | None:
         """Steps between the last cycle's start and this one's, or None to start afresh."""
@@ -342,7 +393,61 @@ class DispatchProblem:
         ]).reshape(len(self.branch_groups), self.horizon.n_steps)
 
     def _set_flow_cap(self) -> None:
-        self.p["flow_cap"].value = self._group_capacity_kva() * self.flow_scale
+        self.flow_cap_kva = self._group_capacity_kva() * self.flow_scale
+        self.p["flow_cap"].value = np.where(self.active_flow, self.flow_cap_kva, _RELAXED_KVA)
+        self.p["flow_on"].value = self.active_flow.astype(float)
+
+    def _set_voltage_band(self) -> None:
+        self.p["v_min"].value = np.where(self.active_vm, self.v_min_pu, -_RELAXED_PU)
+        self.p["v_max"].value = np.where(self.active_vm, self.v_max_pu, _RELAXED_PU)
+        self.p["vm_on"].value = self.active_vm.astype(float)
+
+    # --- lazy grid rows --------------------------------------------------------------------------
+
+    def grid_rows(self, p_bus_kw: np.ndarray, q_bus_kvar: np.ndarray):
+        """Linear branch-group utilisation (share of the capped rating) and linear bus
+        voltages (with this cycle's corrections) of a plan, each (rows, n_steps)."""
+        sens, w, rep = self.sens, self.watched_buses, self.group_rep
+        T = p_bus_kw.shape[0]
+        util = np.zeros((rep.size, T))
+        if rep.size:
+            pf = np.abs(sens.branch_p_per_kw[rep] @ p_bus_kw.T)
+            qf = np.abs(sens.branch_q_per_kvar[rep] @ q_bus_kvar.T)
+            reach = np.max([(c * pf + s * qf) / h for c, s, h in self._facets()], axis=0)
+            util = reach / np.maximum(self.flow_cap_kva, 1e-9)
+        vm = (sens.vm0_pu[w, None] + sens.dvm_dp_pu_per_kw[w] @ p_bus_kw.T + sens.dvm_dq_pu_per_kvar[w] @ q_bus_kvar.T
+              + self.p["vm_corr"].value)
+        return util, vm
+
+    def activate_broken_rows(self) -> int:
+        """Activate every relaxed grid row the solved plan breaks; return how many."""
+        if not self.park.settings.lazy_grid_rows:
+            return 0
+        util, vm = self.grid_rows(*self.bus_injections(*self.injections()))
+        broken_flow = ~self.active_flow & (util > 1.0 + _LAZY_TOL)
+        broken_vm = ~self.active_vm & ((vm < self.v_min_pu - _LAZY_TOL) | (vm > self.v_max_pu + _LAZY_TOL))
+        n = int(broken_flow.sum() + broken_vm.sum())
+        if n:
+            # A plan pushed off one limit step lands on its neighbours: take them in as well.
+            self.active_flow |= _widen(broken_flow, _LAZY_WIDEN_STEPS)
+            self.active_vm |= _widen(broken_vm, _LAZY_WIDEN_STEPS)
+            self.lazy_rounds += 1
+            self._set_flow_cap()
+            self._set_voltage_band()
+        return n
+
+    def relax_slack_rows(self) -> None:
+        """After a cycle, relax the active rows with wide slack in its plan."""
+        if not self.park.settings.lazy_grid_rows:
+            return
+        util, vm = self.grid_rows(*self.bus_injections(*self.injections()))
+        self.active_flow &= util >= _RELAX_FLOW_FRAC
+        self.active_vm &= ((vm < self.v_min_pu + _RELAX_VOLTAGE_PU) | (vm > self.v_max_pu - _RELAX_VOLTAGE_PU))
+
+    @property
+    def active_grid_rows(self) -> tuple[int, int]:
+        """Active (branch-group, bus) rows out of all, summed over steps."""
+        return int(self.active_flow.sum() + self.active_vm.sum()), int(self.active_flow.size + self.active_vm.size)
 
     # --- grid corrections from the AC check ------------------------------------------------------
 
@@ -396,6 +501,15 @@ class DispatchProblem:
 
     def cost_breakdown(self) -> dict[str, float]:
         return {name: float(expr.value) for name, expr in self.costs.items()}
+
+
+def _widen(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` (rows, n_steps) with every True spread ``steps`` steps either way."""
+    out = mask.copy()
+    for k in range(1, steps + 1):
+        out[:, k:] |= mask[:, :-k]
+        out[:, :-k] |= mask[:, k:]
+    return out
 
 
 def _shifted(values: np.ndarray, steps: int | None, fill: float) -> np.ndarray:

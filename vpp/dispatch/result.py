@@ -42,6 +42,7 @@ class DispatchResult:
     details: dict[str, pd.DataFrame] = field(default_factory=dict)
     ev_sessions: pd.DataFrame = field(default_factory=pd.DataFrame)
     grid_iterations: int = 0
+    lazy_rounds: int = 0  # re-solves that activated grid rows the plan broke
     solve_s: float = 0.0
     ac_check_s: float = 0.0
     total_s: float = 0.0
