@@ -56,3 +56,31 @@ def test_session_past_horizon_needs_only_what_cannot_come_later():
     assert req.max() == pytest.approx(20.0 - 7.0 * 0.95 * 1.0)
     slot = names.index("a")
     assert ub[slot, :4].sum() == 0 and np.all(ub[slot, 4:] == 7.0)
+
+
+def test_sessions_beyond_the_chargers_slots_wait_for_a_later_cycle():
+    f = ChargingStationFleet([parse_asset_spec({**SPEC, "slots_per_charger": 2})])
+    s = sessions(("a", "hub", "dc", ts("08:00"), ts("09:00"), 30.0, 120.0),
+                 ("b", "hub", "dc", ts("10:00"), ts("11:00"), 30.0, 120.0),
+                 ("c", "hub", "dc", ts("12:00"), ts("13:00"), 30.0, 120.0))
+    index = pd.date_range(ts("08:00"), periods=96, freq="15min")
+    ub, req, names = f._slot_bounds(s, index, 0.25)
+    assert [n for n in names if n] == ["a", "b"] and f.deferred_sessions == ["c"]
+    # Once the first car has left the horizon, the late one gets its slot.
+    later = pd.date_range(ts("09:00"), periods=96, freq="15min")
+    _, _, names = f._slot_bounds(s, later, 0.25)
+    assert sorted(n for n in names if n) == ["b", "c"]
+
+
+def test_plant_serves_the_least_laxity_car_first_and_at_least_the_plan():
+    f = ChargingStationFleet([parse_asset_spec(SPEC)])
+    # "relaxed" is listed first but can wait; "urgent" must take 7 kW now to leave full.
+    s = sessions(("relaxed", "hub", "dc", ts("08:00"), ts("12:00"), 20.0, 120.0),
+                 ("urgent", "hub", "ac", ts("08:00"), ts("08:30"), 3.4, 7.0))
+    actual = {"sessions": s, "time": ts("08:00"), "battery_kw": np.array([0.0])}
+    state, p, extras = f.plant_step(f.initial_state(), np.array([-7.0]), actual, 0.25)
+    assert state["delivered_kwh"].get("urgent", 0.0) > 0 and "relaxed" not in state["delivered_kwh"]
+    # The setpoint leaves cars 0 kW, but the plan gave them 20 kW: they get the plan.
+    actual["ev_kw"] = np.array([20.0])
+    _, p, extras = f.plant_step(f.initial_state(), np.array([0.0]), actual, 0.25)
+    assert extras["ev_kw"][0] == pytest.approx(20.0) and p[0] == pytest.approx(-20.0)

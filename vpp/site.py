@@ -68,8 +68,12 @@ class DispatchSettings(_Section):
     time_budget_s: float = Field(20.0, gt=0, le=3600)
     max_grid_iterations: int = Field(5, ge=1, le=20)
     lazy_grid_rows: bool = True
-    ev_unmet_penalty_cny_per_kwh: float = Field(20.0, ge=0)
-    comfort_penalty_cny_per_kwh_th: float = Field(5.0, ge=0, description="per kWh_th below the comfort band, per hour")
+    # Service before cost: these defaults exceed what a kWh costs when it raises the
+    # month's demand charge within one step (48 CNY/kW / 0.25 h = 192 CNY/kWh for the
+    # reference tariff), so the optimizer only leaves a car short or a building cool when
+    # the limits leave no room.
+    ev_unmet_penalty_cny_per_kwh: float = Field(300.0, ge=0)
+    comfort_penalty_cny_per_kwh_th: float = Field(100.0, ge=0, description="per kWh_th below the comfort band, per hour")
     reactive_power_cny_per_kvarh: float = Field(0.001, ge=0)
     flex_penalty_cny_per_kwh: float = Field(10.0, ge=0, description="default price of a flexibility request's deviation")
 

@@ -130,8 +130,8 @@ class Fleet(abc.ABC):
 class Penalties:
     """Prices of soft constraints, in CNY per unit, set by the dispatch settings."""
 
-    ev_unmet_cny_per_kwh: float = 20.0
-    comfort_cny_per_kwh_th: float = 5.0
+    ev_unmet_cny_per_kwh: float = 300.0
+    comfort_cny_per_kwh_th: float = 100.0
     reactive_cny_per_kvarh: float = 0.001
 
 

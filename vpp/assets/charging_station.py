@@ -147,6 +147,7 @@ class ChargingStationFleet(Fleet):
         ub = np.zeros((self.n_slots, T))
         req = np.zeros(self.n_slots)
         names: list[str | None] = [None] * self.n_slots
+        self.deferred_sessions = []
         if sessions is None or len(sessions) == 0:
             return ub, req, names
         missing = [c for c in SESSION_COLUMNS if c not in sessions.columns]
@@ -155,6 +156,8 @@ class ChargingStationFleet(Fleet):
         horizon_end = index[-1] + pd.Timedelta(hours=dt_h)
         step = pd.Timedelta(hours=dt_h)
         busy_until: dict[tuple[str, str], pd.Timestamp] = {}
+        deferred: list[str] = []
+        self.deferred_sessions = deferred
         for row in sessions.sort_values("arrival").itertuples(index=False):
             if row.departure <= index[0] or row.arrival >= horizon_end or row.energy_kwh <= 0:
                 continue
@@ -168,9 +171,10 @@ class ChargingStationFleet(Fleet):
                                 f"session {row.session_id!r} overlaps the previous session on charger {row.charger_id!r}")
             slot = next((k for k in slots if names[k] is None), None)
             if slot is None:
-                raise SpecError("charging_station.sessions",
-                                f"session {row.session_id!r}: charger {row.charger_id!r} has more sessions in the horizon "
-                                f"than slots_per_charger={len(slots)}")
+                # More sessions on this charger than it has slots: the latest arrivals wait
+                # for a later cycle, by which time the earlier sessions have left the horizon.
+                deferred.append(row.session_id)
+                continue
             busy_until[key] = row.departure
             names[slot] = row.session_id
             # A step counts as plugged in only if the car is there for the whole step.
@@ -252,8 +256,9 @@ class ChargingStationFleet(Fleet):
 
         PV gives what the sun allows, the battery follows its planned power
         (``actual["battery_kw"]``, idle when absent) within its limits, and the plugged-in
-        cars share what is left of the station's setpoint, each up to its max kW and
-        remaining need, never beyond the station's import limit.
+        cars share what is left of the station's setpoint, but at least the planned EV
+        power (``actual["ev_kw"]``, when given), least laxity first, each up to its max kW
+        and remaining need, never beyond the station's import limit.
         """
         setpoint = np.nan_to_num(np.asarray(setpoint_kw, float))
         pv = np.zeros(self.n)
@@ -267,6 +272,10 @@ class ChargingStationFleet(Fleet):
             e_next, p_bat = self.storage.step(state["e_kwh"], want, dt_h)
             np.add.at(bat, self.bat_owner, p_bat)
         ev_budget = np.clip(pv + bat - setpoint, 0.0, None)
+        if actual.get("ev_kw") is not None:
+            # Cars get at least what the plan gave them; a PV or battery shortfall against
+            # the plan comes from the grid, within the station's import limit.
+            ev_budget = np.maximum(ev_budget, np.asarray(actual["ev_kw"], float))
         ev_budget = np.minimum(ev_budget, self.import_limit_kw + pv + bat)
         delivered = dict(state.get("delivered_kwh", {}))
         ev = np.zeros(self.n)
@@ -276,6 +285,11 @@ class ChargingStationFleet(Fleet):
             here = sessions[(sessions["arrival"] <= now) & (sessions["departure"] >= now + pd.Timedelta(hours=dt_h))]
             for i, station_id in enumerate(self.ids):
                 cars = here[here["station_id"] == station_id]
+                if len(cars) > 1:
+                    # Least laxity first: the car with the least spare time before it must leave.
+                    need = (cars["energy_kwh"] - cars["session_id"].map(delivered).fillna(0.0)).clip(lower=0.0)
+                    hours_left = (cars["departure"] - now).dt.total_seconds() / 3600.0
+                    cars = cars.assign(_laxity=hours_left - need / cars["max_kw"].clip(lower=1e-6)).sort_values("_laxity")
                 budget = ev_budget[i]
                 for row in cars.itertuples(index=False):
                     eff = self._charger_efficiency(station_id, row.charger_id)

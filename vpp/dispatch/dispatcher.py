@@ -45,10 +45,15 @@ def _silence_highs_banner() -> None:
 class Dispatcher:
     """Plans a park cycle after cycle, reusing one compiled problem."""
 
-    def __init__(self, park, problem: DispatchProblem | None = None):
+    def __init__(self, park, problem: DispatchProblem | None = None, strict_steps: int | None = None):
+        """``strict_steps``: re-solve only for AC violations within this many first steps
+        (None: the whole horizon).  Violations further out are folded into the linear
+        model for the next cycle instead; the simulator uses this, since only the first
+        steps of a receding plan are ever carried out."""
         self.park = park
         self.problem = problem or DispatchProblem(park)
         self.previous: DispatchResult | None = None
+        self.strict_steps = strict_steps
 
     def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> DispatchResult:
         """Plan the horizon in ``inputs`` from ``state``.
@@ -92,7 +97,10 @@ class Dispatcher:
             t0 = time.perf_counter()
             ac, violations = self._check(p_kw, q_kvar, inputs)
             ac_s += time.perf_counter() - t0
-            if violations.sum() == 0 or iteration == settings.max_grid_iterations:
+            strict = violations if self.strict_steps is None else violations[:self.strict_steps]
+            if strict.sum() == 0 or iteration == settings.max_grid_iterations:
+                if violations.sum() and strict.sum() == 0:
+                    problem.correct(ac, *problem.bus_injections(p_kw, q_kvar))
                 reason = None if violations.sum() == 0 else (
                     f"{int(violations.sum())} grid limit violation(s) remain after {iteration} iteration(s)")
                 result = self._plan(inputs, p_kw, q_kvar, ac, violations, reason, iteration)

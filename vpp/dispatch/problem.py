@@ -65,6 +65,8 @@ _LAZY_TOL = 1e-6
 _RELAX_FLOW_FRAC = 0.6
 _RELAX_VOLTAGE_PU = 0.02
 _LAZY_WIDEN_STEPS = 2
+_LAZY_NEAR_FRAC = 0.95
+_LAZY_NEAR_PU = 0.005
 
 
 @dataclass(frozen=True)
@@ -428,9 +430,12 @@ class DispatchProblem:
         broken_vm = ~self.active_vm & ((vm < self.v_min_pu - _LAZY_TOL) | (vm > self.v_max_pu + _LAZY_TOL))
         n = int(broken_flow.sum() + broken_vm.sum())
         if n:
-            # A plan pushed off one limit step lands on its neighbours: take them in as well.
-            self.active_flow |= _widen(broken_flow, _LAZY_WIDEN_STEPS)
-            self.active_vm |= _widen(broken_vm, _LAZY_WIDEN_STEPS)
+            # A plan pushed off one limit step lands on its neighbours, and rows close to
+            # their limit are next: take them in as well.
+            near_flow = util > _LAZY_NEAR_FRAC
+            near_vm = (vm < self.v_min_pu + _LAZY_NEAR_PU) | (vm > self.v_max_pu - _LAZY_NEAR_PU)
+            self.active_flow |= _widen(broken_flow, _LAZY_WIDEN_STEPS) | near_flow
+            self.active_vm |= _widen(broken_vm, _LAZY_WIDEN_STEPS) | near_vm
             self.lazy_rounds += 1
             self._set_flow_cap()
             self._set_voltage_band()
@@ -501,6 +506,14 @@ class DispatchProblem:
 
     def cost_breakdown(self) -> dict[str, float]:
         return {name: float(expr.value) for name, expr in self.costs.items()}
+
+
+def _rolled(mask: np.ndarray, steps: int | None) -> np.ndarray:
+    """A (rows, n_steps) mask moved ``steps`` steps earlier, the steps that leave coming
+    back in at the end; all False when ``steps`` is None."""
+    if steps is None:
+        return np.zeros_like(mask, dtype=bool)
+    return np.roll(mask, -steps, axis=1)
 
 
 def _widen(mask: np.ndarray, steps: int) -> np.ndarray:
