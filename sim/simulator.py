@@ -56,8 +56,11 @@ class Progress:
 
 
 def simulate(park, series, n_steps: int, controller: str = "optimizer", forecaster: Forecaster | None = None,
-             replan_every: int = 1, progress: bool = True) -> SimResult:
-    """Simulate ``n_steps`` steps from the start of ``series`` under one controller."""
+             replan_every: int = 1, progress: bool = True, on_step=None) -> SimResult:
+    """Simulate ``n_steps`` steps from the start of ``series`` under one controller.
+
+    ``on_step(done)``, if given, is called after every step (progress of a worker).
+    """
     forecaster = forecaster or Forecaster("perfect")
     ctrl = make_controller(controller, park, replan_every)
     dt = park.settings.dt_h
@@ -104,6 +107,8 @@ def simulate(park, series, n_steps: int, controller: str = "optimizer", forecast
             ctrl.observe_import(now, -p_step)
         if bar:
             bar.update(t + 1, now, force=t + 1 == n_steps)
+        if on_step is not None:
+            on_step(t + 1)
     control_s = time.perf_counter() - t_start
     t0 = time.perf_counter()
     ac = park.grid.run_ac(P, Q)

@@ -69,6 +69,8 @@ def cmd_sim(args) -> int:
     park = load_park(args.park)
     if args.days < 1:
         raise VppError("--days: must be at least 1")
+    if args.workers < 1:
+        raise VppError("--workers: must be at least 1")
     if args.replan_every < 1:
         raise VppError("--replan-every: must be at least 1")
     start = _start_time(park, args.start or park.inputs.default_date).normalize()
@@ -82,12 +84,18 @@ def cmd_sim(args) -> int:
     inputs_s = time.perf_counter() - t0
     results = {}
     for name in controllers:
-        results[name] = simulate(park, series, n_steps, name, forecaster, args.replan_every,
-                                 progress=not args.quiet)
+        if name == "optimizer" and args.workers > 1:
+            from sim.parallel import simulate_parallel
+
+            results[name] = simulate_parallel(park, series, n_steps, name, forecaster, args.replan_every,
+                                              workers=args.workers, progress=not args.quiet)
+        else:
+            results[name] = simulate(park, series, n_steps, name, forecaster, args.replan_every,
+                                     progress=not args.quiet)
     meta = {
         "park": str(args.park), "start": str(start), "days": args.days, "steps": n_steps, "seed": seed,
         "forecast": args.forecast, "forecast_spread": args.forecast_spread if args.forecast == "noise" else None,
-        "replan_every": args.replan_every, "data": args.data, "sessions": args.sessions,
+        "replan_every": args.replan_every, "workers": args.workers, "data": args.data, "sessions": args.sessions,
         "inputs_s": round(inputs_s, 3),
     }
     kpis = write_outputs(results, park, args.out, meta)
@@ -132,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--data", help="measured time series (CSV or Parquet; columns in sim/data.py)")
     m.add_argument("--sessions", help="measured EV sessions (CSV or Parquet; columns in sim/data.py)")
     m.add_argument("--seed", type=int, help="seed of the synthetic inputs and forecast noise (default: the park's)")
+    m.add_argument("--workers", type=int, default=1,
+                   help="processes for the optimizer run, each taking whole months of the period (default 1: "
+                        "sequential; see sim/parallel.py)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--json", action="store_true", help="also print the KPIs as one JSON line")
     m.set_defaults(func=cmd_sim)

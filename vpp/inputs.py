@@ -44,6 +44,17 @@ class ParkSeries:
                                     f"({self.index[0]} .. {self.index[-1]}, every {self.index.freq or '15min'})")
         return int(pos)
 
+    def window(self, first: int, n_steps: int) -> "ParkSeries":
+        """Steps ``first .. first + n_steps`` as a series of their own (EV sessions kept whole)."""
+        sl = slice(first, first + n_steps)
+        return ParkSeries(
+            index=self.index[sl], weather=self.weather.iloc[sl], pv_avail_kw=self.pv_avail_kw[:, sl],
+            station_pv_avail_kw=self.station_pv_avail_kw[:, sl], load_demand_kw=self.load_demand_kw[:, sl],
+            heat_kw_th=self.heat_kw_th[:, sl], cop=self.cop[:, sl], sessions=self.sessions,
+            buy_price_cny_per_kwh=self.buy_price_cny_per_kwh[sl], sell_price_cny_per_kwh=self.sell_price_cny_per_kwh[sl],
+            carbon_kg_per_kwh=self.carbon_kg_per_kwh[sl],
+        )
+
     def step_forecast(self, park, pos: int, n_steps: int) -> dict[str, dict]:
         """Per-kind forecast dicts for steps ``pos .. pos + n_steps``."""
         if pos < 0 or pos + n_steps > len(self.index):
