@@ -225,6 +225,27 @@ def test_solver_failure_falls_back_and_next_cycle_recovers(make_park, monkeypatc
     assert d.dispatch(inputs, initial_state(park)).status == "optimal"
 
 
+def test_numerical_failure_is_retried_with_the_other_solver(make_park, monkeypatch):
+    park = make_park([BATTERY, LOAD])
+    d = Dispatcher(park)
+    inputs = inputs_for(park, office_load_kw(day_index()))
+    reference = Dispatcher(park).dispatch(inputs, initial_state(park))
+    real_solve = d.problem.problem.solve
+    used = []
+
+    def flaky(*args, **kwargs):
+        used.append(kwargs["solver"])
+        if kwargs["solver"] == "HIGHS":
+            raise ValueError("Cannot unpack invalid solution: status=UNKNOWN")
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(d.problem.problem, "solve", flaky)
+    result = d.dispatch(inputs, initial_state(park))
+    assert used[:2] == ["HIGHS", "CLARABEL"]
+    assert result.status == "optimal"
+    assert result.objective_cny == pytest.approx(reference.objective_cny, rel=1e-4)
+
+
 def test_time_budget_exhausted_falls_back(make_park):
     park = make_park([BATTERY, LOAD], dispatch={"time_budget_s": 1e-6})
     result = Dispatcher(park).dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))

@@ -120,8 +120,27 @@ class Dispatcher:
         return result
 
     def _solve(self, time_limit_s: float) -> str | None:
-        """Solve the compiled problem; return why it failed, or None."""
+        """Solve the compiled problem; return why it failed, or None.
+
+        A numerical failure of the configured solver (an exception or an unknown status,
+        which HiGHS's simplex occasionally returns on degenerate plans) is retried once
+        with the other solver in the time left; infeasibility and time limits are not.
+        """
+        deadline = time.perf_counter() + time_limit_s
         solver = self.park.settings.solver
+        failure, numerical = self._solve_with(solver, time_limit_s)
+        remaining_s = deadline - time.perf_counter()
+        if numerical and remaining_s > 0:
+            alternate = "CLARABEL" if solver == "HIGHS" else "HIGHS"
+            log.warning("%s; retrying with %s", failure, alternate)
+            second, _ = self._solve_with(alternate, remaining_s)
+            if second is None:
+                return None
+            failure = f"{failure}; {alternate} retry: {second}"
+        return failure
+
+    def _solve_with(self, solver: str, time_limit_s: float) -> tuple[str | None, bool]:
+        """One solve: (why it failed or None, whether the failure was numerical)."""
         options = {"time_limit": float(time_limit_s)}
         try:
             if solver == "HIGHS":
@@ -131,20 +150,20 @@ class Dispatcher:
             else:
                 self.problem.problem.solve(solver=_SOLVERS[solver], **options)
         except cp.error.SolverError as error:
-            return f"solver {solver} failed: {error}"
+            return f"solver {solver} failed: {error}", True
         except Exception as error:  # a solver crash must not take the dispatch loop down
             log.exception("solver raised")
-            return f"solver {solver} raised {type(error).__name__}: {error}"
+            return f"solver {solver} raised {type(error).__name__}: {error}", True
         status = self.problem.problem.status
         if status == cp.OPTIMAL:
-            return None
+            return None, False
         if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
-            return "problem infeasible: the limits, requests and asset states cannot all be met"
+            return "problem infeasible: the limits, requests and asset states cannot all be met", False
         if status in (cp.UNBOUNDED, cp.UNBOUNDED_INACCURATE):
-            return "problem unbounded: check prices and limits"
+            return "problem unbounded: check prices and limits", False
         if status == cp.USER_LIMIT:
-            return f"solver {solver} hit its time limit of {time_limit_s:.1f} s"
-        return f"solver {solver} ended with status {status}"
+            return f"solver {solver} hit its time limit of {time_limit_s:.1f} s", False
+        return f"solver {solver} ended with status {status}", True
 
     def _check(self, p_kw, q_kvar, inputs: HorizonInputs):
         grid, problem = self.park.grid, self.problem

@@ -126,8 +126,9 @@ class DispatchProblem:
         self.horizon = Horizon(s.horizon_steps, s.dt_h)
         T, dt = self.horizon.n_steps, self.horizon.dt_h
         grid = park.grid
-        # Building binds cvxpy objects to a fleet, so each problem builds its own copies.
-        self.fleets = {k: copy.copy(f) for k, f in park.fleets.items()}
+        # Building binds cvxpy objects to a fleet (and to its storage arrays), so each problem
+        # builds on deep copies: two problems of one park must not share parameters.
+        self.fleets = {k: copy.deepcopy(f) for k, f in park.fleets.items()}
         self.contributions: dict[str, Contribution] = {k: f.build(self.horizon) for k, f in self.fleets.items()}
         self.incidence = {k: self._incidence(park.bus_positions(k), grid.n_buses) for k in park.fleets}
         sens = grid.sensitivities()
