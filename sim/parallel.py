@@ -87,6 +87,7 @@ def simulate_parallel(park, series, n_steps: int, controller: str, forecaster: F
     _shared.update(park=park, series=series, forecaster=forecaster)
     bar = Progress(sum(totals), f"{controller} x{len(starts)}") if progress else None
     results: dict[int, SimResult] = {}
+    t_start = time.perf_counter()
     try:
         with ProcessPoolExecutor(len(starts), mp_context=mp.get_context("fork"), initializer=_init,
                                  initargs=(counters,)) as pool:
@@ -116,4 +117,6 @@ def simulate_parallel(park, series, n_steps: int, controller: str, forecaster: F
             stats[key] = stats.get(key, 0) + value
     stats["steps"] = n_steps
     stats["workers"] = len(starts)
+    stats["wall_s"] = time.perf_counter() - t_start  # the other times add up the workers'
+
     return SimResult(controller, pd.concat(frames), pd.concat(sessions, ignore_index=True), stats)

@@ -104,8 +104,10 @@ def cmd_sim(args) -> int:
         s = r.stats
         if s.get("cycles"):
             other = s["control_s"] - s["cycle_s"]
-            print(f"\n{name}: {s['steps']} steps in {s['control_s'] + s['ac_s']:.1f} s "
-                  f"({s['steps'] / max(s['control_s'] + s['ac_s'], 1e-9):.1f} steps/s); {s['cycles']} dispatch cycles, "
+            wall = s.get("wall_s", s["control_s"] + s["ac_s"])
+            workers = f" on {s['workers']} workers (times below add up the workers')" if s.get("workers") else ""
+            print(f"\n{name}: {s['steps']} steps in {wall:.1f} s{workers} "
+                  f"({s['steps'] / max(wall, 1e-9):.1f} steps/s); {s['cycles']} dispatch cycles, "
                   f"{s['fallbacks']} fell back; time in LP solves {s['solve_s']:.1f} s, plan AC checks "
                   f"{s['ac_check_s']:.1f} s, rest of the cycles {s['cycle_s'] - s['solve_s'] - s['ac_check_s']:.1f} s, "
                   f"plant models and recording {other:.1f} s, realised AC power flow {s['ac_s']:.1f} s")
