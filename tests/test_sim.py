@@ -137,6 +137,21 @@ def test_same_seed_same_kpis(reference_park):
     assert first != other
 
 
+def test_the_command_gives_the_same_kpis_run_after_run(tmp_path):
+    import subprocess
+    import sys
+
+    kpis = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        subprocess.run([sys.executable, "-m", "vpp.cli", "sim", str(REFERENCE_PARK), "--start", "2025-03-30",
+                        "--days", "1", "--replan-every", "4", "--controller", "optimizer", "--quiet", "--out",
+                        str(out)], check=True, capture_output=True, env={**__import__("os").environ,
+                                                                       "PYTHONHASHSEED": str(k + 1)})
+        kpis.append(json.loads((out / "kpis.json").read_text())["kpis"])
+    assert kpis[0] == kpis[1]
+
+
 def _measured_frame(series, park, n):
     frame = pd.DataFrame({"time": series.index[:n].strftime("%Y-%m-%dT%H:%M:%S%z"),
                           "temp_air_c": series.weather["temp_air_c"].to_numpy()[:n],
@@ -228,6 +243,7 @@ def test_parallel_chunks_match_a_sequential_run(reference_park):
     k_seq, k_par = compute_kpis(seq.series, seq.sessions, park), compute_kpis(par.series, par.sessions, park)
     assert k_par["energy_cost_cny"] == pytest.approx(k_seq["energy_cost_cny"], rel=0.02)
     assert k_par["import_kwh"] == pytest.approx(k_seq["import_kwh"], rel=0.02)
-    assert k_par["ev_unmet_kwh"] == pytest.approx(k_seq["ev_unmet_kwh"], abs=1.0)
+    # Unmet EV energy is a few kWh of ~2,000 and moves with the ties the LPs resolve.
+    assert abs(k_par["ev_unmet_kwh"] - k_seq["ev_unmet_kwh"]) <= 0.005 * k_seq["ev_requested_kwh"]
     # The second chunk starts its April at a zero peak, as the sequential run does.
     assert k_par["peak_import_kw"] == pytest.approx(k_seq["peak_import_kw"], rel=0.02)

@@ -10,6 +10,7 @@ are constant-power loads.
 from __future__ import annotations
 
 import copy
+import random
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ MAX_ITER = 20        # Newton iterations per step
 TOL_PU = 1e-8        # largest P/Q mismatch accepted, pu on the network's base power
 CHORD_RATE = 0.5     # a chord iteration must at least halve the mismatch ...
 MAX_CHORD = 25       # ... and at most this many are tried before Newton takes over
+_BENCHMARK_SEED = 0  # numpy seed while a pandapower benchmark network is built
 _RHS_BLOCK = 16      # right-hand sides per triangular solve (keeps BLAS single-threaded)
 _UNSUPPORTED = ("trafo3w", "impedance", "xward", "dcline", "tcsc", "svc", "ssc", "vsc",
                 "bus_dc", "line_dc", "source_dc", "load_dc")
@@ -78,12 +80,21 @@ def load_network(benchmark: str | None = None, json_path: str | None = None,
         if func is None:
             raise SpecError("network.benchmark", f"unknown pandapower benchmark {benchmark!r}; "
                             "try e.g. 'create_kerber_dorfnetz' or 'panda_four_load_branch'")
+        # Some benchmarks draw from the global random generators (the Kerber networks pick
+        # each branch cable's type with Python's `random`): seed them, so a park is the
+        # same network in every process, and give the caller's generator states back.
+        saved = random.getstate(), np.random.get_state()
         try:
+            random.seed(_BENCHMARK_SEED)
+            np.random.seed(_BENCHMARK_SEED)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = func()
         except TypeError:      # needs arguments
             net = None
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
         if not isinstance(net, pp.pandapowerNet):
             raise SpecError("network.benchmark", f"{benchmark!r} builds no network by itself")
     else:
