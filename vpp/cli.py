@@ -117,6 +117,98 @@ def cmd_sim(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from vpp.service.config import load_config
+    from vpp.service.server import Service
+
+    overrides = {}
+    if args.clock:
+        overrides["clock"] = {"mode": args.clock, **({"speed": args.speed} if args.speed else {})}
+    config = load_config(args.config, data_dir=args.data_dir, grpc_address=args.address, **overrides)
+    service = Service(config).start()
+    print(f"vpp serving on {config.grpc_address} (port {service.port}); metrics on "
+          f"{config.metrics_address}:{config.metrics_port or 'off'}; clock {config.clock.mode}"
+          f"{f' x{config.clock.speed:g}' if config.clock.mode == 'simulated' else ''}; tokens in {service.tokens_path}",
+          flush=True)
+    service.wait()
+    return 0
+
+
+def _token(args) -> str:
+    import os
+    import tomllib
+
+    if args.token:
+        return args.token
+    if os.environ.get("VPP_TOKEN"):
+        return os.environ["VPP_TOKEN"]
+    path = Path(args.tokens)
+    if not path.exists():
+        raise VppError(f"no token: pass --token, set VPP_TOKEN or point --tokens at the server's tokens.toml ({path})")
+    tokens = tomllib.loads(path.read_text())
+    if args.role not in tokens:
+        raise VppError(f"{path} has no [{args.role}] token")
+    return tokens[args.role]["token"]
+
+
+def cmd_enroll(args) -> int:
+    import tomllib
+
+    import grpc
+
+    from vpp.client import Client
+
+    data = tomllib.loads(Path(args.file).read_text()) if Path(args.file).exists() else None
+    if data is None:
+        raise VppError(f"no such file: {args.file}")
+    assets = data.get("assets", [])
+    if not assets:
+        raise VppError(f"{args.file}: no [[assets]] tables")
+    failed = 0
+    with Client(args.address, _token(args)) as client:
+        for i, asset in enumerate(assets):
+            spec = {k: v for k, v in asset.items() if k not in ("id", "kind", "bus", "name")}
+            try:
+                a = client.enroll(args.site, asset["id"], asset["kind"], str(asset["bus"]), spec)
+                print(f"{asset['id']}: enrolled as {a.asset_id}")
+            except grpc.RpcError as error:
+                failed += 1
+                print(f"assets[{i}] {asset.get('id')!r}: {error.code().name}: {error.details()}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_watch(args) -> int:
+    import grpc
+
+    from vpp.client import Client
+
+    with Client(args.address, _token(args)) as client:
+        try:
+            names = {a.asset_id: a.external_id for a in client.list_assets(args.site)}
+        except grpc.RpcError:  # a device token may not list assets
+            names = {}
+        try:
+            for batch in client.watch(args.site):
+                when = batch.cycle_start.ToDatetime().isoformat(timespec="minutes")
+                total = sum(s.p_kw for s in batch.setpoints)
+                print(f"{when}Z {batch.site_id}: {len(batch.setpoints)} setpoints, net {total:+.1f} kW "
+                      f"(valid until {batch.setpoints[0].valid_until.ToDatetime().isoformat(timespec='seconds')}Z)")
+                for s in batch.setpoints:
+                    print(f"    {names.get(s.asset_id, s.asset_id):<24} {s.asset_id}  {s.p_kw:+9.2f} kW"
+                          f"{'  fallback' if s.fallback else ''}")
+                sys.stdout.flush()
+                if args.count:
+                    args.count -= 1
+                    if args.count == 0:
+                        return 0
+        except grpc.RpcError as error:
+            print(f"vpp: error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vpp", description="Virtual power plant and park-microgrid dispatch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each dispatch cycle")
@@ -148,6 +240,27 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.add_argument("--json", action="store_true", help="also print the KPIs as one JSON line")
     m.set_defaults(func=cmd_sim)
+    v = sub.add_parser("serve", help="run the dispatch service (gRPC, 15-minute loop, metrics)")
+    v.add_argument("--config", help="service TOML (see vpp/service/config.py); default: the reference park site")
+    v.add_argument("--data-dir", help="database and tokens folder (default ./data)")
+    v.add_argument("--address", help="gRPC listen address (default 127.0.0.1:50051)")
+    v.add_argument("--clock", choices=["real", "simulated"], help="real quarter hours or a faster simulated clock")
+    v.add_argument("--speed", type=float, help="simulated seconds per real second (default 60)")
+    v.set_defaults(func=cmd_serve)
+    for name, helptext, func in (("enroll", "enroll the [[assets]] of a TOML file at a site", cmd_enroll),
+                                 ("watch", "print setpoints as the service publishes them", cmd_watch)):
+        c = sub.add_parser(name, help=helptext)
+        if name == "enroll":
+            c.add_argument("file", help="TOML with [[assets]] tables (id, kind, bus and the kind's fields)")
+        c.add_argument("--site", default="changping" if name == "enroll" else "", help="site id")
+        c.add_argument("--address", default="127.0.0.1:50051")
+        c.add_argument("--token", help="bearer token (or VPP_TOKEN, or --tokens)")
+        c.add_argument("--tokens", default="data/tokens.toml", help="the server's tokens file")
+        c.add_argument("--role", default="aggregator" if name == "enroll" else "operator",
+                       help="which token of --tokens to use")
+        if name == "watch":
+            c.add_argument("--count", type=int, default=0, help="stop after this many batches (0: run on)")
+        c.set_defaults(func=func)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

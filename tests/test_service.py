@@ -1,0 +1,286 @@
+"""The service end to end over a real gRPC channel on loopback."""
+
+from __future__ import annotations
+
+import math
+import threading
+import tomllib
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+
+from vpp.client import Client, timestamp
+from vpp.service.config import load_config
+from vpp.service.server import Service
+from vpp.v1 import assets_pb2, common_pb2, dispatch_pb2, grid_operator_pb2, telemetry_pb2
+
+START = datetime(2025, 1, 15, 8, 0, tzinfo=timezone(timedelta(hours=8)))
+BATTERY = {"e_kwh": 120.0, "p_charge_max_kw": 60.0, "p_discharge_max_kw": 60.0}
+
+
+def make_service(data_dir, **clock) -> Service:
+    config = load_config(None, environ={}, data_dir=str(data_dir), grpc_address="127.0.0.1:0", metrics_port=0,
+                         clock={"mode": "simulated", "start": START.isoformat(), "speed": 600.0, **clock})
+    return Service(config).start(run_loop=False)
+
+
+def tokens(service) -> dict[str, str]:
+    data = tomllib.loads(service.tokens_path.read_text())
+    return {name: entry["token"] for name, entry in data.items()}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    s = make_service(tmp_path_factory.mktemp("svc"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(service):
+    t = tokens(service)
+    address = f"127.0.0.1:{service.port}"
+    other = "other-tenant-token-" + "x" * 20
+    service.store.add_token("other", "aggregator", other, name="other")
+    made = {"aggregator": Client(address, t["aggregator"]), "operator": Client(address, t["operator"]),
+            "other": Client(address, other), "nobody": Client(address, "not-a-token")}
+    yield made
+    for c in made.values():
+        c.close()
+
+
+def bus_of(service) -> str:
+    return service.sites["changping"].template.grid.bus_names[5]
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code(), error.value.details()
+
+
+def test_health_and_reflection(service):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{service.port}")
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="vpp.v1.Dispatch"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"vpp.v1.AssetRegistry", "vpp.v1.Telemetry", "vpp.v1.Dispatch", "vpp.v1.GridOperator"} <= names
+    channel.close()
+
+
+def test_enroll_is_idempotent_and_conflicts_are_refused(service, clients):
+    agg = clients["aggregator"]
+    first = agg.enroll("changping", "bess-new", "battery", bus_of(service), BATTERY)
+    again = agg.enroll("changping", "bess-new", "battery", bus_of(service), BATTERY)
+    assert first.asset_id == again.asset_id and first.state == common_pb2.ASSET_STATE_ACTIVE
+    code, _ = code_of(lambda: agg.enroll("changping", "bess-new", "battery", bus_of(service), {**BATTERY, "e_kwh": 99}))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("change, code, field", [
+    (dict(kind=0), grpc.StatusCode.INVALID_ARGUMENT, "kind"),
+    (dict(spec={**BATTERY, "e_kwh": -5}), grpc.StatusCode.INVALID_ARGUMENT, "spec.e_kwh"),
+    (dict(spec={**BATTERY, "colour": "red"}), grpc.StatusCode.INVALID_ARGUMENT, "spec.colour"),
+    (dict(bus="no such bus"), grpc.StatusCode.INVALID_ARGUMENT, "bus"),
+    (dict(site_id="atlantis"), grpc.StatusCode.NOT_FOUND, "atlantis"),
+    (dict(external_id=""), grpc.StatusCode.INVALID_ARGUMENT, "external_id"),
+])
+def test_malformed_enrollments_get_the_right_code_and_store_nothing(service, clients, change, code, field):
+    agg = clients["aggregator"]
+    before = len(agg.list_assets())
+    request = dict(site_id="changping", external_id="bad-one", kind=common_pb2.ASSET_KIND_BATTERY, bus=bus_of(service),
+                   spec=BATTERY)
+    request.update(change)
+    spec = struct_pb2.Struct()
+    spec.update(request.pop("spec"))
+    got, details = code_of(lambda: agg.assets.EnrollAsset(assets_pb2.EnrollAssetRequest(spec=spec, **request),
+                                                          metadata=agg.metadata))
+    assert got == code and field in details
+    assert len(agg.list_assets()) == before
+
+
+def test_tokens_are_required_and_checked(clients):
+    nobody = clients["nobody"]
+    assert code_of(lambda: nobody.list_assets())[0] == grpc.StatusCode.UNAUTHENTICATED
+    anonymous = assets_pb2_grpc_stub(clients)
+    assert code_of(lambda: anonymous.ListAssets(assets_pb2.ListAssetsRequest()))[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def assets_pb2_grpc_stub(clients):
+    from vpp.v1 import assets_pb2_grpc
+
+    return assets_pb2_grpc.AssetRegistryStub(clients["nobody"].channel)
+
+
+def test_tenants_are_isolated(service, clients):
+    agg, other = clients["aggregator"], clients["other"]
+    mine = agg.enroll("changping", "bess-iso", "battery", bus_of(service), BATTERY)
+    theirs = other.enroll("changping", "bess-iso", "battery", bus_of(service), BATTERY)  # same external id, own tenant
+    assert theirs.asset_id != mine.asset_id
+    assert mine.asset_id not in {a.asset_id for a in other.list_assets()}
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    calls = [
+        lambda: other.assets.GetAsset(assets_pb2.GetAssetRequest(asset_id=mine.asset_id), metadata=other.metadata),
+        lambda: other.assets.UpdateAsset(assets_pb2.UpdateAssetRequest(asset_id=mine.asset_id), metadata=other.metadata),
+        lambda: other.assets.DecommissionAsset(assets_pb2.DecommissionAssetRequest(asset_id=mine.asset_id),
+                                               metadata=other.metadata),
+        lambda: other.report(mine.asset_id, START, 0.0, soc_frac=0.5),
+        lambda: other.setpoint(mine.asset_id),
+        lambda: other.flex_request("changping", START, START + timedelta(hours=1), max_import_kw=100),
+        lambda: other.cycles("changping"),
+    ]
+    for call in calls:
+        assert code_of(call)[0] == denied
+    # A device token reads only its own asset.
+    device = "device-token-" + "y" * 24
+    service.store.add_token("demo", "device", device, asset_id=mine.asset_id)
+    with Client(f"127.0.0.1:{service.port}", device) as dev:
+        dev.report(mine.asset_id, START, 0.0, soc_frac=0.4)
+        assert code_of(lambda: dev.report(theirs.asset_id, START, 0.0))[0] == denied
+        assert code_of(lambda: dev.list_assets())[0] == denied
+
+
+def test_bad_telemetry_is_refused_and_loses_nothing(service, clients):
+    agg = clients["aggregator"]
+    a = agg.enroll("changping", "bess-tel", "battery", bus_of(service), BATTERY)
+    agg.report(a.asset_id, START, 5.0, soc_frac=0.6)
+    assert code_of(lambda: agg.report(a.asset_id, START, math.nan))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: agg.report(a.asset_id, START, 1.0, soc_frac=1.5))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: agg.report("no-such-asset", START, 1.0))[0] == grpc.StatusCode.NOT_FOUND
+    when, values = service.store.latest_telemetry([a.asset_id])[a.asset_id]
+    assert values["soc_frac"] == 0.6 and values["p_kw"] == 5.0
+    # A stream keeps the good measurements and reports the bad ones.
+    good = telemetry_pb2.Measurement(asset_id=a.asset_id, time=timestamp(START + timedelta(minutes=5)), p_kw=1.0,
+                                     soc_frac=0.55)
+    bad = telemetry_pb2.Measurement(asset_id=a.asset_id, time=timestamp(START), p_kw=math.inf)
+    summary = agg.telemetry.StreamTelemetry(iter([good, bad]), metadata=agg.metadata)
+    assert summary.accepted == 1 and summary.rejected == 1 and "p_kw" in summary.errors[0]
+
+
+def test_cycles_on_the_simulated_clock_publish_setpoints_within_limits(service, clients):
+    agg, op = clients["aggregator"], clients["operator"]
+    a = agg.enroll("changping", "bess-watch", "battery", bus_of(service), BATTERY)
+    agg.report(a.asset_id, START, 0.0, soc_frac=0.5)
+    batches = []
+    stream = agg.watch("changping")
+
+    def read():
+        for batch in stream:
+            batches.append(batch)
+            if len(batches) == 2:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    import time
+
+    time.sleep(0.5)  # the stream is open before the cycles run
+    stop = threading.Event()
+    loop = threading.Thread(target=service.engine.run, args=(stop, service.engine.cycles_run + 2), daemon=True)
+    loop.start()
+    loop.join(timeout=120)
+    reader.join(timeout=30)
+    stream.cancel()
+    assert len(batches) == 2
+    first, second = batches
+    step = timedelta(minutes=15)
+    # Cycles fall on quarter hours; one that overruns skips the boundaries it missed.
+    gap = second.cycle_start.ToDatetime() - first.cycle_start.ToDatetime()
+    assert gap >= step and gap % step == timedelta(0)
+    assert first.cycle_start.seconds % 900 == 0
+    mine = {s.asset_id: s for s in first.setpoints}
+    assert a.asset_id in mine
+    # An aggregator sees only its own tenant's setpoints.
+    own = {x.asset_id for x in agg.list_assets()}
+    assert set(mine) <= own
+    s = mine[a.asset_id]
+    assert s.valid_until.ToDatetime() > s.valid_from.ToDatetime() + step - timedelta(seconds=1)
+    assert -BATTERY["p_charge_max_kw"] - 1e-6 <= s.p_kw <= BATTERY["p_discharge_max_kw"] + 1e-6
+    plan = op.plan("changping")
+    assert plan.status == common_pb2.CYCLE_OUTCOME_OPTIMAL
+    assert max(g.max_loading_percent for g in plan.grid_steps) <= 100.0 + 1e-6
+    assert all(g.violations == 0 for g in plan.grid_steps)
+    status = op.cycles("changping", 2)
+    assert len(status) == 2 and status[0].solve_seconds > 0
+
+
+def test_flex_request_lowers_import_in_its_window(service, clients):
+    op = clients["operator"]
+    engine = service.engine
+    when = datetime(2025, 1, 15, 18, 0, tzinfo=timezone.utc)  # 02:00 local: valley, batteries charge
+    engine.run_cycle(when)
+    before = op.plan("changping")
+    window = [g for g in before.grid_steps if when + timedelta(hours=1) <= g.time.ToDatetime().replace(
+        tzinfo=timezone.utc) < when + timedelta(hours=3)]
+    planned = max(g.p_import_kw for g in window)
+    target = planned - 30.0
+    op.flex_request("changping", when + timedelta(hours=1), when + timedelta(hours=3), max_import_kw=target,
+                    price_cny_per_kwh=1000.0)
+    engine.run_cycle(when + timedelta(minutes=15))
+    after = op.plan("changping")
+    window = [g for g in after.grid_steps if when + timedelta(hours=1) <= g.time.ToDatetime().replace(
+        tzinfo=timezone.utc) < when + timedelta(hours=3)]
+    assert max(g.p_import_kw for g in window) <= target + 1.0
+
+
+def test_failed_solve_publishes_fallback_and_counts_it(service, clients, monkeypatch):
+    import cvxpy as cp
+
+    site = service.sites["changping"]
+    when = datetime(2025, 1, 16, 2, 0, tzinfo=timezone.utc)
+    service.engine.run_cycle(when)  # build the site's dispatcher for the current assets
+
+    def broken(*args, **kwargs):
+        raise cp.error.SolverError("injected")
+
+    monkeypatch.setattr(site.dispatcher.problem.problem, "solve", broken)
+    counter = service.metrics.cycles.labels("changping", "fallback")
+    before = counter._value.get()
+    outcome = service.engine.run_cycle(when + timedelta(minutes=15))[0]
+    assert outcome.status == "fallback" and "injected" in outcome.reason
+    assert all(s.fallback for s in outcome.setpoints)
+    assert counter._value.get() == before + 1
+    sp = clients["operator"].setpoint(outcome.setpoints[0].asset_id)
+    assert sp.fallback
+
+
+def test_metrics_are_exposed(tmp_path):
+    config = load_config(None, environ={}, data_dir=str(tmp_path), grpc_address="127.0.0.1:0", metrics_port=19108)
+    s = Service(config).start(run_loop=False)
+    try:
+        s.engine.run_cycle(datetime(2025, 1, 15, 1, 0, tzinfo=timezone.utc))
+        body = urllib.request.urlopen("http://127.0.0.1:19108/metrics", timeout=10).read().decode()
+    finally:
+        s.stop()
+    for name in ("vpp_cycle_duration_seconds_bucket", "vpp_cycles_total", "vpp_assets", "vpp_portfolio_power_watts",
+                 "vpp_stale_telemetry_assets", "vpp_grid_violations_remaining"):
+        assert name in body, name
+
+
+def test_restart_keeps_enrollments_tokens_and_cycles(tmp_path):
+    first = make_service(tmp_path)
+    t = tokens(first)
+    with Client(f"127.0.0.1:{first.port}", t["aggregator"]) as agg:
+        a = agg.enroll("changping", "bess-restart", "battery", bus_of(first), BATTERY)
+    first.engine.run_cycle(datetime(2025, 1, 15, 1, 0, tzinfo=timezone.utc))
+    first.stop()
+    second = make_service(tmp_path)
+    try:
+        assert tokens(second) == t
+        with Client(f"127.0.0.1:{second.port}", t["aggregator"]) as agg:
+            assert agg.assets.GetAsset(assets_pb2.GetAssetRequest(asset_id=a.asset_id),
+                                       metadata=agg.metadata).external_id == "bess-restart"
+            assert agg.setpoint(a.asset_id).asset_id == a.asset_id
+        with Client(f"127.0.0.1:{second.port}", t["operator"]) as op:
+            assert len(op.cycles("changping")) == 1
+    finally:
+        second.stop()

@@ -1,0 +1,1 @@
+"""The dispatch service: storage, the 15-minute loop, the gRPC API and metrics."""

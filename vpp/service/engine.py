@@ -1,0 +1,377 @@
+"""The 15-minute dispatch loop of the service: sites, clock, one cycle, publishing.
+
+A *site* is a park file's network, connection, tariff and carbon settings with the assets
+enrolled for it in the store (not the park file's ``[[assets]]``, which only seed the
+demo tenant).  Each cycle, per site: read the active assets, their latest telemetry and
+the operators' limits and requests; plan with the same :class:`Dispatcher` as
+``vpp dispatch``; store the cycle with every asset's setpoint for the coming step and its
+validity window in one transaction; then publish to the setpoint streams.
+
+Telemetry older than ``telemetry_max_age_s`` (or none) is missing: the asset is planned
+from a conservative state (a battery at the bottom of its window, so it is never asked to
+discharge energy it may not have; a heat store at the bottom of its comfort band) and the
+cycle lists it as stale.  A cycle that fails is stored as such, publishes the fallback
+setpoints, is counted, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vpp.assets import FLEETS, parse_asset_spec
+from vpp.dispatch.dispatcher import Dispatcher
+from vpp.dispatch.problem import FlexRequest
+from vpp.errors import SpecError, VppError
+from vpp.inputs import synthetic_series
+from vpp.site import Park, load_park
+
+log = logging.getLogger("vpp.service")
+
+CYCLE_OUTCOMES = ("optimal", "fallback", "failed")
+
+
+class Clock:
+    """Wall-clock time; cycles start on the quarter hour."""
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    def sleep_until(self, when: datetime, stop: threading.Event) -> bool:
+        """Wait until ``when``; False if ``stop`` was set first."""
+        while not stop.is_set():
+            left = (when - self.now()).total_seconds()
+            if left <= 0:
+                return True
+            stop.wait(min(left, 1.0))
+        return False
+
+
+class SimulatedClock(Clock):
+    """Time that runs ``speed`` times faster than the wall clock from ``start``."""
+
+    def __init__(self, start: datetime, speed: float):
+        self.start, self.speed = start, float(speed)
+        self._t0 = time.monotonic()
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=(time.monotonic() - self._t0) * self.speed)
+
+    def sleep_until(self, when: datetime, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            left = (when - self.now()).total_seconds() / self.speed
+            if left <= 0:
+                return True
+            stop.wait(min(left, 0.5))
+        return False
+
+
+def next_cycle_start(now: datetime, step: timedelta) -> datetime:
+    """The first step boundary at or after ``now`` (UTC-aligned quarter hours)."""
+    epoch = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    steps = -(-(now - epoch) // step)  # ceiling division of timedeltas
+    return epoch + steps * step
+
+
+@dataclass
+class CycleOutcome:
+    site_id: str
+    cycle_start: datetime
+    status: str  # optimal | fallback | failed
+    reason: str | None
+    total_s: float
+    solve_s: float = 0.0
+    objective_cny: float | None = None
+    violations_found: int = 0
+    violations_remaining: int = 0
+    setpoints: list = field(default_factory=list)  # SetpointRecord
+    stale_assets: list[str] = field(default_factory=list)
+    portfolio_p_kw: float = 0.0
+    cycle_id: int | None = None
+
+
+class Site:
+    """A site's park template (grid, tariff, settings) and its current fleets."""
+
+    def __init__(self, site_id: str, park_path):
+        self.id = site_id
+        self.template: Park = load_park(park_path)
+        self._key: tuple | None = None
+        self.park: Park | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.series = None
+
+    @property
+    def dt(self) -> timedelta:
+        return timedelta(hours=self.template.settings.dt_h)
+
+    def validate_asset(self, kind: str, bus: str, spec: dict, where: str = "spec") -> None:
+        """Raise SpecError naming the field if this asset cannot be placed on this site."""
+        if kind not in FLEETS:
+            raise SpecError("kind", f"unknown asset kind {kind!r}; expected one of {sorted(FLEETS)}")
+        for reserved in ("id", "kind", "bus"):
+            if reserved in spec:
+                raise SpecError(f"{where}.{reserved}", "is set by the request, not inside the spec")
+        parsed = parse_asset_spec({"id": "new", "kind": kind, "bus": bus, **spec}, where)
+        try:
+            self.template.grid.bus_position(parsed.bus)
+        except SpecError as error:
+            raise SpecError("bus", error.reason) from None
+
+    def park_for(self, assets: list) -> Park:
+        """The site's park with these asset records (rebuilt only when they change)."""
+        key = tuple((a.asset_id, a.update_time) for a in assets)
+        if key != self._key:
+            specs = [parse_asset_spec({"id": a.asset_id, "kind": a.kind, "bus": a.bus, **a.spec}, a.asset_id)
+                     for a in assets]
+            by_kind: dict[str, list] = {}
+            for s in specs:
+                by_kind.setdefault(s.kind, []).append(s)
+            t = self.template
+            fleets = {kind: FLEETS[kind](by_kind[kind]) for kind in FLEETS if kind in by_kind}
+            asset_bus = {s.id: t.grid.bus_position(s.bus) for s in specs}
+            self.park = Park(t.site, t.network, t.connection, t.tariff, t.carbon, t.settings, t.inputs, t.grid,
+                             fleets, asset_bus, t.path)
+            self.dispatcher = Dispatcher(self.park) if fleets else None
+            self.series = None
+            self._key = key
+        return self.park
+
+    def series_for(self, start: pd.Timestamp):
+        """Synthetic forecasts covering the horizon from ``start`` (regenerated per day)."""
+        park = self.park
+        horizon_end = start + pd.Timedelta(hours=park.settings.dt_h * park.settings.horizon_steps)
+        if self.series is None or start < self.series.index[0] or horizon_end > self.series.index[-1]:
+            self.series = synthetic_series(park, start.normalize(), days=1)
+        return self.series
+
+
+class Engine:
+    """Runs cycles for every site and publishes setpoints to subscribers."""
+
+    def __init__(self, store, sites: dict[str, Site], clock: Clock, telemetry_max_age_s: float = 1800.0,
+                 setpoint_grace_s: float = 120.0, metrics=None):
+        self.store, self.sites, self.clock = store, sites, clock
+        self.telemetry_max_age = timedelta(seconds=telemetry_max_age_s)
+        self.grace = timedelta(seconds=setpoint_grace_s)
+        self.metrics = metrics
+        self._subscribers: list = []
+        self._lock = threading.Lock()
+        self.cycles_run = 0
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def subscribe(self):
+        """A queue that receives every CycleOutcome; call :meth:`unsubscribe` when done."""
+        import queue
+
+        q: queue.Queue = queue.Queue(maxsize=64)
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q) -> None:
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def _publish(self, outcome: CycleOutcome) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for q in subscribers:
+            try:
+                q.put_nowait(outcome)
+            except Exception:  # a slow watcher loses old batches, never blocks the loop
+                try:
+                    q.get_nowait()
+                    q.put_nowait(outcome)
+                except Exception:
+                    pass
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, max_cycles: int | None = None) -> None:
+        """Cycle on every step boundary of the clock until ``stop`` is set."""
+        step = min(site.dt for site in self.sites.values())
+        when = next_cycle_start(self.clock.now(), step)
+        while not stop.is_set():
+            if not self.clock.sleep_until(when, stop):
+                return
+            self.run_cycle(when)
+            if max_cycles is not None and self.cycles_run >= max_cycles:
+                return
+            # An overrun skips the boundaries it missed rather than piling up cycles.
+            when = max(when + step, next_cycle_start(self.clock.now(), step))
+
+    def run_cycle(self, when: datetime) -> list[CycleOutcome]:
+        outcomes = []
+        for site in self.sites.values():
+            t0 = time.perf_counter()
+            try:
+                outcome = self._site_cycle(site, when)
+            except Exception as error:  # one site's bad cycle must not stop the service
+                log.exception("cycle failed site=%s", site.id)
+                outcome = CycleOutcome(site.id, when, "failed", f"{type(error).__name__}: {error}",
+                                       time.perf_counter() - t0)
+                try:
+                    outcome.cycle_id = self.store.save_cycle(site.id, when, "failed", 0.0, outcome.total_s, None, 0, 0,
+                                                             outcome.reason, [], {})
+                except Exception:
+                    log.exception("could not store the failed cycle site=%s", site.id)
+            outcomes.append(outcome)
+            if self.metrics is not None:
+                self.metrics.observe_cycle(outcome)
+            log.info("cycle site=%s start=%s status=%s total_s=%.3f solve_s=%.3f objective_cny=%s "
+                     "violations_found=%d violations_remaining=%d stale=%d setpoints=%d%s",
+                     site.id, when.isoformat(), outcome.status, outcome.total_s, outcome.solve_s,
+                     "-" if outcome.objective_cny is None else f"{outcome.objective_cny:.2f}",
+                     outcome.violations_found, outcome.violations_remaining, len(outcome.stale_assets),
+                     len(outcome.setpoints), f" reason={outcome.reason!r}" if outcome.reason else "")
+            self._publish(outcome)
+        self.cycles_run += 1
+        return outcomes
+
+    def _active_assets(self, site_id: str) -> list:
+        assets, token = [], ""
+        while True:
+            page, token = self.store.list_assets(site_id=site_id, page_size=1000, page_token=token)
+            assets += page
+            if not token:
+                return assets
+
+    def _site_cycle(self, site: Site, when: datetime) -> CycleOutcome:
+        from vpp.service.store import SetpointRecord
+
+        t0 = time.perf_counter()
+        assets = self._active_assets(site.id)
+        if not assets:
+            return CycleOutcome(site.id, when, "optimal", "no active assets", time.perf_counter() - t0)
+        park = site.park_for(assets)
+        start = pd.Timestamp(when).tz_convert(park.site.timezone)
+        series = site.series_for(start)
+        inputs = series.horizon(park, start, peak_import_so_far_kw=self._peak_so_far(site, start))
+        state, stale = self._state(park, assets, when, inputs)
+        self._apply_limits(site, park, inputs, when)
+        result = site.dispatcher.dispatch(inputs, state)
+        valid_until = when + site.dt + self.grace
+        first = result.p_kw.iloc[0]
+        q_first = result.q_kvar.iloc[0]
+        setpoints = [SetpointRecord(asset_id=a, valid_from=when, valid_until=valid_until, p_kw=float(first[a]),
+                                    q_kvar=float(q_first[a]), fallback=not result.ok) for a in park.asset_ids]
+        status = "optimal" if result.ok else "fallback"
+        found = int(result.grid["violations"].sum()) if len(result.grid) else 0
+        plan = {
+            "cycle_start": when.isoformat(), "step_seconds": site.dt.total_seconds(), "status": status,
+            "reason": result.reason, "objective_cny": result.objective_cny if result.ok else None,
+            "p_kw": {a: [float(v) for v in result.p_kw[a].to_numpy()] for a in park.asset_ids},
+            "grid": {"time": [t.isoformat() for t in result.grid.index],
+                     **{c: [float(v) for v in result.grid[c].to_numpy()]
+                        for c in ("max_loading_percent", "vm_min_pu", "vm_max_pu", "p_import_kw", "violations")}},
+            "stale_assets": stale,
+        }
+        total_s = time.perf_counter() - t0
+        outcome = CycleOutcome(site.id, when, status, result.reason, total_s, result.solve_s,
+                               result.objective_cny if result.ok else None, found, result.violations_remaining,
+                               setpoints, stale, float(sum(s.p_kw for s in setpoints)))
+        outcome.cycle_id = self.store.save_cycle(site.id, when, status, result.solve_s, total_s, outcome.objective_cny,
+                                                 found, result.violations_remaining, result.reason, setpoints, plan)
+        return outcome
+
+    def _peak_so_far(self, site: Site, start: pd.Timestamp) -> float:
+        """This month's highest planned first-step import so far (from stored plans)."""
+        peak = 0.0
+        month = (start.year, start.month)
+        for cycle in self.store.last_cycles(site.id, limit=3000):
+            t = pd.Timestamp(cycle.cycle_start).tz_convert(start.tz)
+            if (t.year, t.month) != month:
+                break
+        latest = self.store.latest_plan(site.id)
+        if latest is not None:
+            _, plan = latest
+            grid = plan.get("grid", {})
+            imports = grid.get("p_import_kw", [])
+            if imports and pd.Timestamp(plan["cycle_start"]).tz_convert(start.tz).month == start.month:
+                peak = max(peak, float(imports[0]))
+        return peak
+
+    def _state(self, park: Park, assets: list, when: datetime, inputs) -> tuple[dict, list[str]]:
+        """Fleet states from fresh telemetry; conservative where it is stale or missing."""
+        latest = self.store.latest_telemetry([a.asset_id for a in assets])
+        fresh = {a: v for a, (t, v) in latest.items() if when - t <= self.telemetry_max_age}
+        stale = [a.asset_id for a in assets if a.asset_id not in fresh and a.kind != "load"]
+        state = {k: f.initial_state() for k, f in park.fleets.items()}
+        if "battery" in park.fleets:
+            f = park.fleets["battery"]
+            e = state["battery"]["e_kwh"]
+            for i, spec in enumerate(f.specs):
+                v = fresh.get(spec.id)
+                if v is None:
+                    e[i] = spec.soc_min_frac * spec.e_kwh
+                elif v.get("e_kwh") is not None:
+                    e[i] = v["e_kwh"]
+                elif v.get("soc_frac") is not None:
+                    e[i] = v["soc_frac"] * spec.e_kwh
+        if "heat_pump" in park.fleets:
+            f = park.fleets["heat_pump"]
+            e = state["heat_pump"]["e_th_kwh"]
+            for i, spec in enumerate(f.specs):
+                v = fresh.get(spec.id)
+                e[i] = 0.0 if v is None or v.get("e_th_kwh") is None else v["e_th_kwh"]
+        if "charging_station" in park.fleets:
+            f = park.fleets["charging_station"]
+            rows, delivered = [], {}
+            e = state["charging_station"]["e_kwh"]
+            for j, i in enumerate(f.bat_owner):
+                v = fresh.get(f.ids[i])
+                spec = f.specs[i].battery
+                e[j] = (spec.soc_min_frac * spec.e_kwh if v is None
+                        else v.get("e_kwh", v.get("soc_frac", spec.soc_min_frac) * spec.e_kwh))
+            for station_id in f.ids:
+                for s in (fresh.get(station_id) or {}).get("ev_sessions", []):
+                    rows.append({"session_id": s["session_id"], "station_id": station_id, "charger_id": s["charger_id"],
+                                 "arrival": pd.Timestamp(s["arrival"]), "departure": pd.Timestamp(s["departure"]),
+                                 "energy_kwh": s["energy_kwh"], "max_kw": s.get("max_kw") or 1e6})
+                    delivered[s["session_id"]] = s.get("delivered_kwh", 0.0)
+            # Only sessions the stations report are planned: the live service knows a car once it plugs in.
+            inputs.forecasts["charging_station"]["sessions"] = pd.DataFrame(
+                rows, columns=["session_id", "station_id", "charger_id", "arrival", "departure", "energy_kwh", "max_kw"])
+            state["charging_station"]["delivered_kwh"] = delivered
+        return state, stale
+
+    def _apply_limits(self, site: Site, park: Park, inputs, when: datetime) -> None:
+        """Operators' limits and flexibility requests for the horizon, into the inputs."""
+        index = inputs.index
+        end = (index[-1] + pd.Timedelta(hours=park.settings.dt_h)).to_pydatetime()
+        T = len(index)
+        names = park.grid.branch_names
+        branch = None
+        for limit in self.store.active_limits(site.id, when, end):
+            in_window = np.asarray((index >= pd.Timestamp(limit.start)) & (index < pd.Timestamp(limit.end)))
+            if limit.element in ("connection_import", "connection_export"):
+                target = inputs.import_limit_kw if limit.element == "connection_import" else inputs.export_limit_kw
+                if limit.limit_kw is not None:
+                    target[in_window] = np.minimum(target[in_window], limit.limit_kw)
+            else:
+                if branch is None:
+                    branch = np.repeat(park.grid.branch_limit_percent[:, None], T, axis=1)
+                rows = [k for k, n in enumerate(names) if n == limit.element_name]
+                for k in rows:
+                    if limit.limit_percent is not None:
+                        value = limit.limit_percent
+                    else:  # a kW limit on a branch, as a share of its rating
+                        value = 100.0 * limit.limit_kw / park.grid.branch_rating_kva[k]
+                    branch[k, in_window] = np.minimum(branch[k, in_window], value)
+        if branch is not None:
+            inputs.branch_limit_percent = branch
+        requests = [r for r in self.store.flex_requests(site.id, when, end)]
+        requests += [r for r in self.store.flex_requests("", when, end)]
+        inputs.flex_requests = [
+            FlexRequest(pd.Timestamp(r.start), pd.Timestamp(r.end), r.max_import_kw, r.min_import_kw,
+                        r.price_cny_per_kwh) for r in requests]
