@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +68,64 @@ def office_load_kw(index, peak_kw=100.0):
     """A simple deterministic day shape: 30 % at night, full 08-18 local."""
     hours = index.hour + index.minute / 60
     return np.where((hours >= 8) & (hours < 18), peak_kw, 0.3 * peak_kw)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on a Unix socket: {"host": socket dir, "port": port}."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL tests: no initdb/pg_ctl on PATH")
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("PostgreSQL tests: the psycopg driver is not installed (pip install 'psycopg[binary]')")
+    root = Path(tempfile.mkdtemp(prefix="vpp-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.skip("PostgreSQL tests: running as root and there is no 'postgres' user to run the server")
+        if not shutil.which("runuser"):
+            shutil.rmtree(root)
+            pytest.skip("PostgreSQL tests: running as root and no runuser to drop privileges")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", 5432  # the socket lives in root: no TCP port is opened
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(as_user + list(args), capture_output=True, text=True, timeout=120)
+
+    done = run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+    if done.returncode:
+        shutil.rmtree(root)
+        pytest.skip(f"PostgreSQL tests: initdb failed: {done.stderr.strip()[-300:]}")
+    done = run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+               f"-k {root} -p {port} -c listen_addresses='' -c fsync=off", "start")
+    if done.returncode:
+        log = (root / "server.log").read_text()[-300:] if (root / "server.log").exists() else done.stderr
+        shutil.rmtree(root)
+        pytest.skip(f"PostgreSQL tests: the server did not start: {log.strip()}")
+    try:
+        with psycopg.connect(host=str(root), port=port, user="postgres", dbname="postgres"):
+            pass
+        yield {"host": str(root), "port": port}
+    finally:
+        run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the throwaway PostgreSQL server, as an SQLAlchemy URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"vpp_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(host=postgres_server["host"], port=postgres_server["port"], user="postgres",
+                         dbname="postgres", autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://postgres@/{name}?host={postgres_server['host']}&port={postgres_server['port']}"

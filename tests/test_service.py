@@ -284,3 +284,130 @@ def test_restart_keeps_enrollments_tokens_and_cycles(tmp_path):
             assert len(op.cycles("changping")) == 1
     finally:
         second.stop()
+
+
+def test_restart_keeps_state_on_postgresql(tmp_path, postgres_url):
+    config = load_config(None, environ={}, data_dir=str(tmp_path), database_url=postgres_url,
+                         grpc_address="127.0.0.1:0", metrics_port=0,
+                         clock={"mode": "simulated", "start": START.isoformat(), "speed": 600.0})
+    first = Service(config).start(run_loop=False)
+    t = tokens(first)
+    with Client(f"127.0.0.1:{first.port}", t["aggregator"]) as agg:
+        a = agg.enroll("changping", "bess-pg", "battery", bus_of(first), BATTERY)
+        agg.report(a.asset_id, START, 3.0, soc_frac=0.7)
+    first.engine.run_cycle(datetime(2025, 1, 15, 1, 0, tzinfo=timezone.utc))
+    first.stop()
+    second = Service(config).start(run_loop=False)
+    try:
+        with Client(f"127.0.0.1:{second.port}", t["aggregator"]) as agg:
+            assert agg.setpoint(a.asset_id).asset_id == a.asset_id
+            assert a.asset_id in {x.asset_id for x in agg.list_assets()}
+        assert second.store.latest_telemetry([a.asset_id])[a.asset_id][1]["soc_frac"] == 0.7
+    finally:
+        second.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(data_dir, port):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "VPP_METRICS_PORT": "0", "VPP_CLOCK_MODE": "simulated"}
+    proc = subprocess.Popen([sys.executable, "-m", "vpp.cli", "serve", "--data-dir", str(data_dir), "--address",
+                             f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if "vpp serving on" in line:
+            return proc
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_kill_9_loses_no_acknowledged_enrollment(tmp_path):
+    import os
+    import signal
+
+    port = _free_port()
+    proc = _start_server(tmp_path, port)
+    token = tomllib.loads((tmp_path / "tokens.toml").read_text())["aggregator"]["token"]
+    acked = []
+    try:
+        with Client(f"127.0.0.1:{port}", token) as agg:
+            bus = agg.list_assets()[0].bus
+            for k in range(20):
+                acked.append(agg.enroll("changping", f"bess-k{k}", "battery", bus, BATTERY).asset_id)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    proc = _start_server(tmp_path, port)
+    try:
+        with Client(f"127.0.0.1:{port}", token) as agg:
+            stored = {a.asset_id for a in agg.list_assets()}
+        assert set(acked) <= stored
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_mutual_tls_example_works(tmp_path):
+    """docs/make-certs.sh and docs/service-tls.toml, as the README describes them."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "site"
+    (work / "docs").mkdir(parents=True)
+    shutil.copy(root / "docs" / "service-tls.toml", work / "docs" / "service-tls.toml")
+    subprocess.run(["sh", str(root / "docs" / "make-certs.sh"), str(work / "certs")], check=True, capture_output=True)
+    config = load_config(work / "docs" / "service-tls.toml", environ={}, grpc_address="127.0.0.1:0", metrics_port=0)
+    service = Service(config).start(run_loop=False)
+    certs = work / "certs"
+    token = tokens(service)["aggregator"]
+    address = f"localhost:{service.port}"
+    try:
+        with Client(address, token, root_certificates=(certs / "ca.pem").read_bytes(),
+                    private_key=(certs / "client.key").read_bytes(),
+                    certificate_chain=(certs / "client.pem").read_bytes()) as c:
+            assert len(c.list_assets()) == 12
+        with Client(address, token, root_certificates=(certs / "ca.pem").read_bytes(), timeout_s=5) as c:
+            with pytest.raises(grpc.RpcError) as error:
+                c.list_assets()  # no client certificate: the handshake fails
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        with Client(address, token, timeout_s=5) as c:
+            with pytest.raises(grpc.RpcError):
+                c.list_assets()  # plaintext against a TLS port
+    finally:
+        service.stop()
+
+
+def test_stale_telemetry_is_flagged_and_planned_conservatively(service, clients):
+    agg = clients["aggregator"]
+    a = agg.enroll("changping", "bess-stale", "battery", bus_of(service), BATTERY)
+    when = datetime(2025, 1, 17, 10, 0, tzinfo=timezone.utc)  # 18:00 local: peak prices, batteries discharge
+    agg.report(a.asset_id, when - timedelta(hours=3), 0.0, soc_frac=0.9)  # older than the 30 min allowed
+    outcome = service.engine.run_cycle(when)[0]
+    assert a.asset_id in outcome.stale_assets
+    assert service.metrics.stale_telemetry.labels("changping")._value.get() == len(outcome.stale_assets)
+    # A stale battery is taken to be at the bottom of its window: it is not asked to discharge.
+    mine = next(s for s in outcome.setpoints if s.asset_id == a.asset_id)
+    assert mine.p_kw <= 1e-6
+    # Fresh telemetry at 90 % lets the same battery discharge into the evening peak.
+    agg.report(a.asset_id, when + timedelta(minutes=14), 0.0, soc_frac=0.9)
+    outcome = service.engine.run_cycle(when + timedelta(minutes=15))[0]
+    assert a.asset_id not in outcome.stale_assets
+    assert next(s for s in outcome.setpoints if s.asset_id == a.asset_id).p_kw > 1.0

@@ -124,7 +124,8 @@ def cmd_serve(args) -> int:
     overrides = {}
     if args.clock:
         overrides["clock"] = {"mode": args.clock, **({"speed": args.speed} if args.speed else {})}
-    config = load_config(args.config, data_dir=args.data_dir, grpc_address=args.address, **overrides)
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    config = load_config(args.config, data_dir=data_dir, grpc_address=args.address, **overrides)
     service = Service(config).start()
     print(f"vpp serving on {config.grpc_address} (port {service.port}); metrics on "
           f"{config.metrics_address}:{config.metrics_port or 'off'}; clock {config.clock.mode}"
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--json", action="store_true", help="also print the KPIs as one JSON line")
     m.set_defaults(func=cmd_sim)
     v = sub.add_parser("serve", help="run the dispatch service (gRPC, 15-minute loop, metrics)")
-    v.add_argument("--config", help="service TOML (see vpp/service/config.py); default: the reference park site")
+    v.add_argument("config", nargs="?", help="service TOML (see vpp/service/config.py); default: the reference park "
+                                             "site with SQLite in ./data")
     v.add_argument("--data-dir", help="database and tokens folder (default ./data)")
     v.add_argument("--address", help="gRPC listen address (default 127.0.0.1:50051)")
     v.add_argument("--clock", choices=["real", "simulated"], help="real quarter hours or a faster simulated clock")
@@ -262,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--count", type=int, default=0, help="stop after this many batches (0: run on)")
         c.set_defaults(func=func)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The service logs one key=value line per cycle (and per start/stop) by default.
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+                        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
     try:
         return args.func(args)
     except VppError as error:

@@ -102,9 +102,18 @@ class ServiceConfig(_Section):
         SiteConfig(id="changping", park=str(REFERENCE_PARK), enroll_park_assets=True)])
     base_dir: str = "."
 
+    def path(self, value: str) -> Path:
+        """A path from the configuration: relative ones are relative to the config file."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    @property
+    def data_path(self) -> Path:
+        return self.path(self.data_dir)
+
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{Path(self.data_dir) / 'vpp.db'}"
+        return self.database_url or f"sqlite:///{self.data_path / 'vpp.db'}"
 
     def site_park_path(self, site: SiteConfig) -> Path:
         path = Path(site.park)

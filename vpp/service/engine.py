@@ -200,7 +200,12 @@ class Engine:
     def run(self, stop: threading.Event, max_cycles: int | None = None) -> None:
         """Cycle on every step boundary of the clock until ``stop`` is set."""
         step = min(site.dt for site in self.sites.values())
-        when = next_cycle_start(self.clock.now(), step)
+        now = self.clock.now()
+        # On start, plan the quarter hour under way at once (devices should not wait up to
+        # 15 minutes for setpoints after a restart); then cycle on the boundaries.
+        when = next_cycle_start(now, step)
+        if when > now:
+            when -= step
         while not stop.is_set():
             if not self.clock.sleep_until(when, stop):
                 return

@@ -71,7 +71,7 @@ class Service:
         from vpp.service.store import Store
 
         self.config = config
-        data_dir = Path(config.data_dir)
+        data_dir = config.data_path
         data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(config.db_url)
         self.tokens_path = bootstrap_tokens(self.store, data_dir)
@@ -108,9 +108,14 @@ class Service:
         reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         tls = self.config.tls
         if tls.enabled:
-            key = Path(tls.key_file).read_bytes()
-            cert = Path(tls.cert_file).read_bytes()
-            ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+            try:
+                key = self.config.path(tls.key_file).read_bytes()
+                cert = self.config.path(tls.cert_file).read_bytes()
+                ca = self.config.path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+            except OSError as error:
+                from vpp.errors import SpecError
+
+                raise SpecError("tls", f"cannot read a certificate or key: {error}") from None
             credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                                       require_client_auth=ca is not None)
             self.port = self.server.add_secure_port(self.config.grpc_address, credentials)
