@@ -411,3 +411,53 @@ def test_stale_telemetry_is_flagged_and_planned_conservatively(service, clients)
     outcome = service.engine.run_cycle(when + timedelta(minutes=15))[0]
     assert a.asset_id not in outcome.stale_assets
     assert next(s for s in outcome.setpoints if s.asset_id == a.asset_id).p_kw > 1.0
+
+
+def test_setpoints_stay_within_enrolled_ratings_whatever_the_plan_says(service, clients, monkeypatch):
+    """Hostile optimizer output (far beyond ratings, NaN) never reaches a device."""
+    agg = clients["aggregator"]
+    a = agg.enroll("changping", "bess-bounded", "battery", bus_of(service), BATTERY)
+    b = agg.enroll("changping", "bess-bounded-2", "battery", bus_of(service), BATTERY)
+    site = service.sites["changping"]
+    when = datetime(2025, 1, 18, 2, 0, tzinfo=timezone.utc)
+    service.engine.run_cycle(when)  # the site's dispatcher now knows both batteries
+    real = site.dispatcher.dispatch
+
+    def hostile(inputs, state):
+        result = real(inputs, state)
+        result.p_kw.loc[result.p_kw.index[0], a.asset_id] = 1e6
+        result.p_kw.loc[result.p_kw.index[0], b.asset_id] = float("nan")
+        return result
+
+    monkeypatch.setattr(site.dispatcher, "dispatch", hostile)
+    outcome = service.engine.run_cycle(when + timedelta(minutes=15))[0]
+    sent = {s.asset_id: s.p_kw for s in outcome.setpoints}
+    assert sent[a.asset_id] == BATTERY["p_discharge_max_kw"]
+    assert sent[b.asset_id] == 0.0
+    assert clients["operator"].setpoint(a.asset_id).p_kw == BATTERY["p_discharge_max_kw"]
+    park = site.park
+    for fleet in park.fleets.values():
+        lo, hi, _ = fleet.power_range()
+        for k, asset_id in enumerate(fleet.ids):
+            assert lo[k] - 1e-9 <= sent[asset_id] <= hi[k] + 1e-9
+
+
+def test_read_only_storage_answers_unavailable_and_keeps_reads(tmp_path):
+    from sqlalchemy import event
+
+    s = make_service(tmp_path)
+    try:
+        t = tokens(s)
+        with Client(f"127.0.0.1:{s.port}", t["aggregator"]) as agg:
+            before = {a.asset_id for a in agg.list_assets()}
+
+            @event.listens_for(s.store.engine, "connect")
+            def _read_only(connection, _record):
+                connection.execute("PRAGMA query_only=ON")
+
+            s.store.engine.dispose()  # new connections: read-only from here on
+            code, details = code_of(lambda: agg.enroll("changping", "bess-ro", "battery", bus_of(s), BATTERY))
+            assert code == grpc.StatusCode.UNAVAILABLE and "storage" in details
+            assert {a.asset_id for a in agg.list_assets()} == before  # reads go on, nothing lost
+    finally:
+        s.stop()

@@ -72,6 +72,10 @@ def _code_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(error)
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(error, OperationalError):  # disk full, read-only or locked database, lost connection
+        return grpc.StatusCode.UNAVAILABLE, "storage unavailable; nothing was written, try again later"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
@@ -81,7 +85,7 @@ def _rpc(method):
 
     def fail(self, context, error, t0):
         code, message = _code_of(error)
-        if code == grpc.StatusCode.INTERNAL:
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
             log.exception("%s failed", name)
         self.service.metrics.observe_rpc(name, code.name, time.perf_counter() - t0)
         context.abort(code, message)

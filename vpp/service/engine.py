@@ -266,10 +266,9 @@ class Engine:
         self._apply_limits(site, park, inputs, when)
         result = site.dispatcher.dispatch(inputs, state)
         valid_until = when + site.dt + self.grace
-        first = result.p_kw.iloc[0]
-        q_first = result.q_kvar.iloc[0]
-        setpoints = [SetpointRecord(asset_id=a, valid_from=when, valid_until=valid_until, p_kw=float(first[a]),
-                                    q_kvar=float(q_first[a]), fallback=not result.ok) for a in park.asset_ids]
+        p_first, q_first = self._bounded(park, result.p_kw.iloc[0], result.q_kvar.iloc[0])
+        setpoints = [SetpointRecord(asset_id=a, valid_from=when, valid_until=valid_until, p_kw=p_first[a],
+                                    q_kvar=q_first[a], fallback=not result.ok) for a in park.asset_ids]
         status = "optimal" if result.ok else "fallback"
         found = int(result.grid["violations"].sum()) if len(result.grid) else 0
         plan = {
@@ -288,6 +287,23 @@ class Engine:
         outcome.cycle_id = self.store.save_cycle(site.id, when, status, result.solve_s, total_s, outcome.objective_cny,
                                                  found, result.violations_remaining, result.reason, setpoints, plan)
         return outcome
+
+    @staticmethod
+    def _bounded(park: Park, p_row, q_row) -> tuple[dict[str, float], dict[str, float]]:
+        """Setpoints clipped to each asset's enrolled power range, NaN to zero.
+
+        Whatever the optimizer's inputs said, nothing outside an asset's ratings is ever
+        sent to it: this is the last check before setpoints leave the service.
+        """
+        p_out, q_out = {}, {}
+        for fleet in park.fleets.values():
+            p_min, p_max, q_max = fleet.power_range()
+            for k, asset_id in enumerate(fleet.ids):
+                p = float(np.nan_to_num(p_row[asset_id]))
+                q = float(np.nan_to_num(q_row[asset_id]))
+                p_out[asset_id] = float(np.clip(p, p_min[k], p_max[k]))
+                q_out[asset_id] = float(np.clip(q, -q_max[k], q_max[k]))
+        return p_out, q_out
 
     def _peak_so_far(self, site: Site, start: pd.Timestamp) -> float:
         """This month's highest planned first-step import so far (from stored plans)."""
