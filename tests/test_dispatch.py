@@ -141,19 +141,42 @@ def test_infeasible_request_falls_back_with_reason(make_park):
     d = Dispatcher(park)
     result = d.dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
     assert result.status == "fallback"
-    assert "infeasible" in result.reason
+    assert "infeasible" in result.reason and "least" in result.reason
+    load = office_load_kw(day_index())
+    assert np.allclose(result.p_kw["office"], -load)
+    # The published plan exceeds the 20 kW limit as little as the battery allows: it
+    # discharges against the office peak, flattening the overload.
+    imp = result.grid["p_import_kw"].to_numpy()
+    assert result.p_kw["bess"].max() > 10.0
+    assert imp.max() < load.max() - 10.0
+    # The battery's energy comes back at night, below the flattened peak.
+    assert result.p_kw["bess"].min() < -5.0
+
+
+def test_infeasible_with_no_elastic_way_out_falls_back_to_asset_fallbacks(make_park, monkeypatch):
+    park = make_park([BATTERY, LOAD], connection={"import_limit_kw": 20, "export_limit_kw": 0})
+    d = Dispatcher(park)
+    monkeypatch.setattr(d, "_least_excess", lambda *args: None)
+    result = d.dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
+    assert result.status == "fallback" and "infeasible" in result.reason
     assert np.all(result.p_kw["bess"] == 0)  # battery fallback: idle
-    assert np.allclose(result.p_kw["office"], -office_load_kw(day_index()))
 
 
-def test_fallback_reuses_the_previous_plan_shifted(make_park):
+def test_fallback_reuses_the_previous_plan_shifted(make_park, monkeypatch):
+    import cvxpy as cp
+
     park = make_park([BATTERY, LOAD])
     d = Dispatcher(park)
     first = d.dispatch(inputs_for(park, office_load_kw(day_index())), initial_state(park))
     assert first.ok
     later = day_index(start="2025-01-15 04:00")
     inputs = inputs_for(park, office_load_kw(later), index=later,
-                        import_limit_kw=np.full(96, 1.0), buy_price_cny_per_kwh=park.tariff.buy_price_cny_per_kwh(later))
+                        buy_price_cny_per_kwh=park.tariff.buy_price_cny_per_kwh(later))
+
+    def broken(*args, **kwargs):
+        raise cp.error.SolverError("injected failure")
+
+    monkeypatch.setattr(d.problem.problem, "solve", broken)
     result = d.dispatch(inputs, initial_state(park))
     assert result.status == "fallback" and "previous plan" in result.reason
     overlap = first.p_kw["bess"].loc[later[0]:]

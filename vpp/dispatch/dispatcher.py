@@ -91,7 +91,12 @@ class Dispatcher:
                            else f"time budget of {settings.time_budget_s:g} s spent activating grid rows")
             solve_s += time.perf_counter() - t0
             if failure:
-                result = self._fallback(inputs, state, failure)
+                result = None
+                if failure.startswith("problem infeasible"):
+                    t0 = time.perf_counter()
+                    result = self._least_excess(inputs, state, failure, t_start)
+                    solve_s += time.perf_counter() - t0
+                result = result or self._fallback(inputs, state, failure)
                 break
             p_kw, q_kvar = problem.injections()
             t0 = time.perf_counter()
@@ -118,6 +123,47 @@ class Dispatcher:
                  result.solve_s, result.ac_check_s, result.violations_remaining,
                  f" reason={result.reason!r}" if result.reason else "")
         return result
+
+    def _least_excess(self, inputs: HorizonInputs, state, failure: str, t_start: float) -> DispatchResult | None:
+        """When the limits cannot all be met, the plan that exceeds them least.
+
+        Solves the elastic twin of the problem (built on first need), whose grid limits
+        may be exceeded at a steep price: assets then do all they can to stay within the
+        limits and the result, still a fallback, says by how much they are exceeded.
+        Returns None if that fails too (the caller falls back to the previous plan).
+        """
+        remaining_s = self.park.settings.time_budget_s - (time.perf_counter() - t_start)
+        if remaining_s <= 0:
+            return None
+        firm = self.problem
+        try:
+            if getattr(self, "_elastic", None) is None:
+                self._elastic = DispatchProblem(self.park, elastic=True)
+            elastic = self._elastic
+            elastic.update(inputs, state)
+            # Start from the firm problem's grid corrections, which describe this network state.
+            for name in ("vm_corr", "losses"):
+                elastic.p[name].value = firm.p[name].value
+            self.problem = elastic
+            failure_elastic = self._solve(remaining_s)
+            if failure_elastic:
+                log.warning("least-excess plan failed too: %s", failure_elastic)
+                return None
+            p_kw, q_kvar = elastic.injections()
+            ac, violations = self._check(p_kw, q_kvar, inputs)
+            excess_kw = float(np.max(elastic.excess_kw.value, initial=0.0))
+            excess_pu = float(np.max(elastic.excess_pu.value, initial=0.0))
+            reason = (f"{failure}; published the plan that exceeds the grid limits least "
+                      f"(by up to {excess_kw:.1f} kW and {excess_pu:.4f} p.u. in the linear model)")
+            result = self._plan(inputs, p_kw, q_kvar, ac, violations, reason, 1)
+            result.status = "fallback"
+            log.warning("dispatch fallback: %s", reason)
+            return result
+        except Exception:  # the elastic path must never take the cycle down
+            log.exception("least-excess plan raised")
+            return None
+        finally:
+            self.problem = firm
 
     def _solve(self, time_limit_s: float) -> str | None:
         """Solve the compiled problem; return why it failed, or None.

@@ -67,6 +67,11 @@ _RELAX_VOLTAGE_PU = 0.02
 _LAZY_WIDEN_STEPS = 2
 _LAZY_NEAR_FRAC = 0.95
 _LAZY_NEAR_PU = 0.005
+# Elastic problems: the price of exceeding a grid limit, far above any other term, so a
+# limit gives only what no asset can make up.
+_EXCESS_CNY_PER_KWH = 1e4
+_EXCESS_CNY_PER_KW_PEAK = 1e5
+_EXCESS_CNY_PER_PU_H = 1e6
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,13 @@ class HorizonInputs:
 class DispatchProblem:
     """The park's dispatch LP, built once for a park and a horizon."""
 
-    def __init__(self, park):
+    def __init__(self, park, elastic: bool = False):
+        """``elastic``: every grid limit (connection, branches, voltage band) may be
+        exceeded at a steep price, so the problem is feasible whenever the assets' own
+        constraints are; the dispatcher solves it when the firm problem is infeasible, to
+        publish the plan that exceeds the limits least."""
         self.park = park
+        self.elastic = elastic
         s = park.settings
         self.horizon = Horizon(s.horizon_steps, s.dt_h)
         T, dt = self.horizon.n_steps, self.horizon.dt_h
@@ -193,10 +203,17 @@ class DispatchProblem:
         self.peak = cp.Variable(nonneg=True, name="peak_import_kw")
         self.flex_dev = cp.Variable(T, nonneg=True, name="flex_deviation_kw")
         net_import = self.imp - self.exp
+        # Elastic problems: by how much the grid limits are exceeded per step (kW, p.u.).
+        excess_kw, excess_pu = 0.0, 0.0
+        self.excess_kw = self.excess_pu = None
+        if elastic:
+            self.excess_kw = cp.Variable(T, nonneg=True, name="limit_excess_kw")
+            self.excess_pu = cp.Variable(T, nonneg=True, name="voltage_excess_pu")
+            excess_kw, excess_pu = self.excess_kw, self.excess_pu
         constraints += [
             net_import == -net_p + p["losses"],
-            self.imp <= p["import_limit"],
-            self.exp <= p["export_limit"],
+            self.imp <= p["import_limit"] + excess_kw,
+            self.exp <= p["export_limit"] + excess_kw,
             self.peak >= self.imp,
             self.peak >= p["peak_so_far"],
             self.flex_dev >= net_import - p["flex_max"],
@@ -206,8 +223,9 @@ class DispatchProblem:
         if n_w:
             # A relaxed row's voltage variable is free and presolve removes it with its definition.
             vm = cp.Variable((n_w, T), name="vm_lin_pu")
-            constraints += [vm == vm_lin + p["vm_corr"], cp.multiply(p["vm_on"], vm) >= p["v_min"],
-                            cp.multiply(p["vm_on"], vm) <= p["v_max"]]
+            band = 0.0 if not elastic else np.ones((n_w, 1)) @ cp.reshape(excess_pu, (1, T), order="C")
+            constraints += [vm == vm_lin + p["vm_corr"], cp.multiply(p["vm_on"], vm) >= p["v_min"] - band,
+                            cp.multiply(p["vm_on"], vm) <= p["v_max"] + band]
         self.flow_lin = flow_lin
         if n_b:
             pflow = cp.Variable((n_b, T), name="branch_p_kw")
@@ -216,7 +234,8 @@ class DispatchProblem:
             if isinstance(qflow_lin, cp.Expression):
                 qflow = cp.Variable((n_b, T), name="branch_q_kvar")
                 constraints.append(qflow == qflow_lin)
-            constraints += self._branch_capability(pflow, qflow, p["flow_cap"], p["flow_on"])
+            room = 0.0 if not elastic else np.ones((n_b, 1)) @ cp.reshape(excess_kw, (1, T), order="C")
+            constraints += self._branch_capability(pflow, qflow, p["flow_cap"], p["flow_on"], room)
         self.costs = {
             "energy": cp.sum(cp.multiply(p["buy"], self.imp) - cp.multiply(p["sell"], self.exp)) * dt,
             # Only the rise above this month's peak so far costs anything.
@@ -225,6 +244,12 @@ class DispatchProblem:
             **costs,
             "flex_deviation": cp.sum(cp.multiply(p["flex_price"], self.flex_dev)) * dt,
         }
+        if elastic:
+            # The worst step's excess weighs most (an overload's height is what trips a
+            # protection), then the excess energy over the horizon.
+            self.costs["limit_excess"] = (_EXCESS_CNY_PER_KW_PEAK * cp.max(self.excess_kw)
+                                          + _EXCESS_CNY_PER_KWH * cp.sum(self.excess_kw) * dt
+                                          + _EXCESS_CNY_PER_PU_H * cp.sum(self.excess_pu) * dt)
         self.problem = cp.Problem(cp.Minimize(cp.sum(list(self.costs.values()))), constraints)
         if not self.problem.is_dpp():
             bad = [str(c)[:80] for c in constraints if not c.is_dcp(dpp=True)]
@@ -232,7 +257,7 @@ class DispatchProblem:
             raise AssertionError(f"the dispatch problem must be DPP; not DPP: {bad}")
 
     @staticmethod
-    def _branch_capability(pflow, qflow, s_cap, on) -> list:
+    def _branch_capability(pflow, qflow, s_cap, on, room=0.0) -> list:
         """(pflow, qflow) within the inscribed polygon of radius ``s_cap`` (see module doc)."""
         vertices = np.deg2rad(_VERTEX_DEG)
         has_q = isinstance(qflow, cp.Expression)
@@ -244,11 +269,11 @@ class DispatchProblem:
                 # Without reactive flow only the facet nearest the P axis can bind.
                 if a == vertices[0]:
                     cap = np.cos(half) / c * s_cap
-                    constraints += [cp.multiply(on, pflow) <= cap, cp.multiply(on, -pflow) <= cap]
+                    constraints += [cp.multiply(on, pflow) <= cap + room, cp.multiply(on, -pflow) <= cap + room]
                 continue
             for sp in (1.0, -1.0):
                 for sq in (1.0, -1.0):
-                    constraints.append(cp.multiply(on, sp * c * pflow + sq * s * qflow) <= np.cos(half) * s_cap)
+                    constraints.append(cp.multiply(on, sp * c * pflow + sq * s * qflow) <= np.cos(half) * s_cap + room)
         return constraints
 
     def _facets(self) -> list[tuple[float, float, float]]:
@@ -302,6 +327,7 @@ class DispatchProblem:
         self.flow_scale = fresh if shift is None else np.minimum(_shifted(self.flow_scale, shift, _INITIAL_FLOW_SCALE), fresh)
         self.warm = shift is not None
         lazy = park.settings.lazy_grid_rows
+        lazy = lazy and not self.elastic
         self.active_flow = (_shifted(self.active_flow, shift, 0.0) > 0.5 if lazy
                             else np.ones((self.group_rep.size, T), bool))
         self.active_vm = (_shifted(self.active_vm, shift, 0.0) > 0.5 if lazy
