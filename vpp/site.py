@@ -21,7 +21,7 @@ from vpp.tariff import Carbon, Tariff
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SiteSpec(_Section):

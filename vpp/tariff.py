@@ -23,7 +23,7 @@ def _minutes(text: str) -> int:
 
 
 class TouWindow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     start: str = Field(description="local time HH:MM, inclusive")
     end: str = Field(description="local time HH:MM, exclusive; 24:00 allowed")
@@ -45,7 +45,7 @@ class TouWindow(BaseModel):
 
 
 class Tariff(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     band_price_cny_per_kwh: dict[str, float]
     windows: list[TouWindow] = Field(min_length=1, description="daily bands; later windows override earlier ones")
@@ -95,7 +95,7 @@ class Tariff(BaseModel):
 class Carbon(BaseModel):
     """Grid carbon intensity and the price put on emissions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     intensity_kg_per_kwh: float | list[float] = Field(
         description="one value, or 24 hourly values of the local day [kgCO2/kWh]")

@@ -41,7 +41,7 @@ class Horizon:
 class AssetSpec(BaseModel):
     """Fields every asset spec has.  Kinds add their own, with units in the names."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
     kind: str

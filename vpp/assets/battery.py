@@ -24,7 +24,7 @@ from vpp.assets.base import AssetSpec, Contribution, Fleet, Horizon, Penalties, 
 class StorageParams(BaseModel):
     """Physical parameters of a battery, on its own or inside a charging station."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     e_kwh: float = Field(gt=0, le=1e6, description="usable nameplate energy [kWh]")
     p_charge_max_kw: float = Field(gt=0, le=1e6)

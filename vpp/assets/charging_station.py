@@ -29,7 +29,7 @@ SESSION_COLUMNS = ("session_id", "station_id", "charger_id", "arrival", "departu
 
 
 class ChargerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str = Field(min_length=1, max_length=64)
     rating_kw: float = Field(gt=0, le=1000, description="7 kW AC up to 480 kW liquid-cooled DC")

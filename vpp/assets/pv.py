@@ -28,7 +28,7 @@ _FACET_RHS_FRAC = np.cos(np.deg2rad(22.5))
 class PVParams(BaseModel):
     """Physical parameters of a PV system, on its own or inside a charging station."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     p_kwp: float = Field(gt=0, le=1e6, description="DC nameplate [kWp]")
     inverter_kva: float = Field(gt=0, le=1e6, description="inverter apparent-power rating [kVA]")

@@ -50,7 +50,7 @@ REFERENCE_PARK = Path(__file__).resolve().parents[2] / "sim" / "scenarios" / "ch
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClockConfig(_Section):
