@@ -461,3 +461,36 @@ def test_read_only_storage_answers_unavailable_and_keeps_reads(tmp_path):
             assert {a.asset_id for a in agg.list_assets()} == before  # reads go on, nothing lost
     finally:
         s.stop()
+
+
+def test_fuzzed_telemetry_gets_a_defined_code_and_stores_only_finite_values(service, clients):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    agg = clients["aggregator"]
+    a = agg.enroll("changping", "bess-fuzz", "battery", bus_of(service), BATTERY)
+    numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([math.nan, math.inf, -1.0]))
+    allowed = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED}
+    tried = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(asset=st.sampled_from([a.asset_id, "", "no-such", "x" * 300]), p=numbers, q=numbers,
+           soc=st.none() | numbers, e=st.none() | numbers, seconds=st.integers(-2**40, 2**40))
+    def one(asset, p, q, soc, e, seconds):
+        m = telemetry_pb2.Measurement(asset_id=asset, p_kw=p, q_kvar=q)
+        m.time.seconds = seconds
+        if soc is not None:
+            m.soc_frac = soc
+        if e is not None:
+            m.e_kwh = e
+        tried.append(1)
+        try:
+            agg.telemetry.ReportTelemetry(m, metadata=agg.metadata, timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() in allowed, (error.code(), error.details())
+
+    one()
+    assert len(tried) >= 100
+    latest = service.store.latest_telemetry([a.asset_id]).get(a.asset_id)
+    if latest is not None:
+        assert all(math.isfinite(v) for v in latest[1].values() if isinstance(v, float))

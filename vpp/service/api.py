@@ -129,7 +129,10 @@ def _dt(ts: timestamp_pb2.Timestamp, field: str, required: bool = True) -> datet
         if required:
             raise SpecError(field, "required timestamp is missing")
         return None
-    return ts.ToDatetime(tzinfo=timezone.utc)
+    try:
+        return ts.ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise SpecError(field, "timestamp out of range") from None
 
 
 def _finite(value: float, field: str, nonneg: bool = False) -> float:
