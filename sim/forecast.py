@@ -16,11 +16,12 @@ arrived (what a charger reports); under ``perfect`` it knows every session in ad
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from vpp.errors import SpecError
+from vpp.weather import ar1_rows
 
 MODES = ("perfect", "persistence", "noise")
 _AR_PHI = 0.9  # per 15-minute step: errors correlated over about two hours
@@ -31,6 +32,8 @@ class Forecaster:
     mode: str = "perfect"
     spread: float = 0.15
     seed: int = 0
+    # The run's error series per (series, kind, quantity), drawn once: see _errors.
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -67,16 +70,15 @@ class Forecaster:
 
     def _errors(self, series, kind: str, name: str, n_rows: int) -> np.ndarray:
         """The run's standard-normal AR(1) error series per asset (n_rows, n_total_steps)."""
-        cache = self.__dict__.setdefault("_cache", {})
+        cache = self._cache
         key = (id(series), kind, name)
         if key not in cache:
             n = len(series.index)
             rng = np.random.default_rng([self.seed, zlib.crc32(f"{kind}.{name}".encode())])
             shocks = rng.standard_normal((n_rows, n))
             z = np.empty_like(shocks)
-            z[:, 0] = shocks[:, 0]
-            for t in range(1, n):
-                z[:, t] = _AR_PHI * z[:, t - 1] + np.sqrt(1 - _AR_PHI**2) * shocks[:, t]
+            z[:, 0] = shocks[:, 0]  # stationary start
+            z[:, 1:] = ar1_rows(shocks[:, 1:], shocks[:, 0], _AR_PHI)
             cache[key] = z
         return cache[key]
 

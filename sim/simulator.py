@@ -167,8 +167,3 @@ def _session_table(park, sessions: pd.DataFrame, index: pd.DatetimeIndex, state,
     done["unmet_kwh"] = (done["requested_kwh"] - done["delivered_kwh"]).clip(lower=0.0)
     return done[["session_id", "station_id", "charger_id", "arrival", "departure", "requested_kwh", "delivered_kwh",
                  "unmet_kwh"]].reset_index(drop=True)
-
-
-def run_all(park, series, n_steps: int, controllers, forecaster: Forecaster, replan_every: int = 1,
-            progress: bool = True) -> dict[str, SimResult]:
-    return {name: simulate(park, series, n_steps, name, forecaster, replan_every, progress) for name in controllers}

@@ -159,9 +159,12 @@ def cmd_enroll(args) -> int:
 
     from vpp.client import Client
 
-    data = tomllib.loads(Path(args.file).read_text()) if Path(args.file).exists() else None
-    if data is None:
-        raise VppError(f"no such file: {args.file}")
+    try:
+        data = tomllib.loads(Path(args.file).read_text())
+    except OSError as error:
+        raise VppError(f"{args.file}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise VppError(f"{args.file}: not valid TOML: {error}") from None
     assets = data.get("assets", [])
     if not assets:
         raise VppError(f"{args.file}: no [[assets]] tables")

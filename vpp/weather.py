@@ -184,7 +184,7 @@ def _epoch_seconds(index: pd.DatetimeIndex) -> np.ndarray:
     return naive.values.astype("datetime64[s]").astype(np.int64)
 
 
-def _ar1_rows(shocks: np.ndarray, start: np.ndarray, phi: float) -> np.ndarray:
+def ar1_rows(shocks: np.ndarray, start: np.ndarray, phi: float) -> np.ndarray:
     """Unit-variance AR(1) along axis 1: x_j = phi x_{j-1} + sqrt(1-phi^2) e_j."""
     zi = (phi * start)[:, None]
     return lfilter([np.sqrt(1.0 - phi * phi)], [1.0, -phi], shocks, axis=1, zi=zi)[0]
@@ -224,12 +224,12 @@ def _year_state(year: int, seed: int, climate: Climate) -> dict[str, np.ndarray]
     rng = np.random.default_rng([seed, year, 2])
     kc_day = (np.asarray(c.regime_kc_mean)[regime]
               + np.asarray(c.regime_kc_sd_day)[regime] * rng.standard_normal(_N_DAY_SLOTS))
-    kc_ar = _ar1_rows(rng.standard_normal((_N_DAY_SLOTS, 96)), rng.standard_normal(_N_DAY_SLOTS),
+    kc_ar = ar1_rows(rng.standard_normal((_N_DAY_SLOTS, 96)), rng.standard_normal(_N_DAY_SLOTS),
                       c.kc_ar1_per_step)
     kc_sd = np.asarray(c.regime_kc_sd_step)[regime][:, None]
     kc = np.clip(kc_day[:, None] + kc_sd * kc_ar, 0.03, 1.1)
     rng = np.random.default_rng([seed, year, 5])
-    wind_ar = _ar1_rows(rng.standard_normal((_N_DAY_SLOTS, 96)), rng.standard_normal(_N_DAY_SLOTS), 0.8)
+    wind_ar = ar1_rows(rng.standard_normal((_N_DAY_SLOTS, 96)), rng.standard_normal(_N_DAY_SLOTS), 0.8)
     return {
         "kc": kc,
         "t_anom_k": c.t_anomaly_sd_k * _smooth_daily(seed, year, 3, c.t_anomaly_ar1),

@@ -259,27 +259,18 @@ class DispatchProblem:
     @staticmethod
     def _branch_capability(pflow, qflow, s_cap, on, room=0.0) -> list:
         """(pflow, qflow) within the inscribed polygon of radius ``s_cap`` (see module doc)."""
-        vertices = np.deg2rad(_VERTEX_DEG)
-        has_q = isinstance(qflow, cp.Expression)
+        facets = _polygon_facets()
+        if not isinstance(qflow, cp.Expression):
+            # Without reactive flow only the facet nearest the P axis can bind.
+            c, _, h = facets[0]
+            cap = h / c * s_cap
+            return [cp.multiply(on, pflow) <= cap + room, cp.multiply(on, -pflow) <= cap + room]
         constraints = []
-        for a, b in zip(vertices[:-1], vertices[1:]):
-            normal, half = (a + b) / 2, (b - a) / 2
-            c, s = np.cos(normal), np.sin(normal)
-            if not has_q:
-                # Without reactive flow only the facet nearest the P axis can bind.
-                if a == vertices[0]:
-                    cap = np.cos(half) / c * s_cap
-                    constraints += [cp.multiply(on, pflow) <= cap + room, cp.multiply(on, -pflow) <= cap + room]
-                continue
+        for c, s, h in facets:
             for sp in (1.0, -1.0):
                 for sq in (1.0, -1.0):
-                    constraints.append(cp.multiply(on, sp * c * pflow + sq * s * qflow) <= np.cos(half) * s_cap + room)
+                    constraints.append(cp.multiply(on, sp * c * pflow + sq * s * qflow) <= h * s_cap + room)
         return constraints
-
-    def _facets(self) -> list[tuple[float, float, float]]:
-        """(cos, sin, cos(half)) of each polygon facet."""
-        v = np.deg2rad(_VERTEX_DEG)
-        return [(np.cos((a + b) / 2), np.sin((a + b) / 2), np.cos((b - a) / 2)) for a, b in zip(v[:-1], v[1:])]
 
     @staticmethod
     def _incidence(bus_positions: np.ndarray, n_buses: int) -> np.ndarray:
@@ -442,7 +433,7 @@ class DispatchProblem:
         if rep.size:
             pf = np.abs(sens.branch_p_per_kw[rep] @ p_bus_kw.T)
             qf = np.abs(sens.branch_q_per_kvar[rep] @ q_bus_kvar.T)
-            reach = np.max([(c * pf + s * qf) / h for c, s, h in self._facets()], axis=0)
+            reach = np.max([(c * pf + s * qf) / h for c, s, h in _polygon_facets()], axis=0)
             util = reach / np.maximum(self.flow_cap_kva, 1e-9)
         vm = (sens.vm0_pu[w, None] + sens.dvm_dp_pu_per_kw[w] @ p_bus_kw.T + sens.dvm_dq_pu_per_kvar[w] @ q_bus_kvar.T
               + self.p["vm_corr"].value)
@@ -535,12 +526,10 @@ class DispatchProblem:
         return {name: float(expr.value) for name, expr in self.costs.items()}
 
 
-def _rolled(mask: np.ndarray, steps: int | None) -> np.ndarray:
-    """A (rows, n_steps) mask moved ``steps`` steps earlier, the steps that leave coming
-    back in at the end; all False when ``steps`` is None."""
-    if steps is None:
-        return np.zeros_like(mask, dtype=bool)
-    return np.roll(mask, -steps, axis=1)
+def _polygon_facets() -> list[tuple[float, float, float]]:
+    """(cos, sin) of each branch-polygon facet's normal and cos of its half-angle."""
+    v = np.deg2rad(_VERTEX_DEG)
+    return [(np.cos((a + b) / 2), np.sin((a + b) / 2), np.cos((b - a) / 2)) for a, b in zip(v[:-1], v[1:])]
 
 
 def _widen(mask: np.ndarray, steps: int) -> np.ndarray:

@@ -31,8 +31,10 @@ from datetime import datetime, timezone
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from sqlalchemy.exc import OperationalError
 
 from vpp.errors import SpecError, UnknownAssetError, VppError
+from vpp.service.store import ConflictError, NotFoundError
 from vpp.v1 import (assets_pb2, assets_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc, grid_operator_pb2,
                     grid_operator_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc)
 
@@ -60,8 +62,6 @@ class Unauthenticated(VppError):
 
 
 def _code_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    from vpp.service.store import ConflictError, NotFoundError
-
     if isinstance(error, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(error)
     if isinstance(error, Denied):
@@ -72,8 +72,6 @@ def _code_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(error)
-    from sqlalchemy.exc import OperationalError
-
     if isinstance(error, OperationalError):  # disk full, read-only or locked database, lost connection
         return grpc.StatusCode.UNAVAILABLE, "storage unavailable; nothing was written, try again later"
     return grpc.StatusCode.INTERNAL, "internal error"
@@ -188,8 +186,6 @@ class _Base:
         if not site_id:
             raise SpecError("site_id", "required")
         if site_id not in self.service.sites:
-            from vpp.service.store import NotFoundError
-
             raise NotFoundError(f"unknown site {site_id!r}")
         return self.service.sites[site_id]
 
@@ -318,8 +314,6 @@ class Dispatch(_Base, dispatch_pb2_grpc.DispatchServicer):
         asset = self._own_asset(principal, request.asset_id)
         latest = self.store.latest_setpoints([asset.asset_id]).get(asset.asset_id)
         if latest is None:
-            from vpp.service.store import NotFoundError
-
             raise NotFoundError(f"no setpoint for asset {asset.asset_id!r} yet")
         return _setpoint_message(latest)
 
@@ -328,13 +322,8 @@ class Dispatch(_Base, dispatch_pb2_grpc.DispatchServicer):
             return set(asset_ids)
         if principal.role == "device":
             return {principal.asset_id} & set(asset_ids)
-        own, token = set(), ""
-        while True:
-            page, token = self.store.list_assets(tenant=principal.tenant, include_decommissioned=True, page_size=1000,
-                                                 page_token=token)
-            own |= {a.asset_id for a in page}
-            if not token:
-                return own & set(asset_ids)
+        own = {a.asset_id for a in self.store.iter_assets(tenant=principal.tenant, include_decommissioned=True)}
+        return own & set(asset_ids)
 
     @_rpc
     def WatchSetpoints(self, request, context, principal):
@@ -363,8 +352,6 @@ class Dispatch(_Base, dispatch_pb2_grpc.DispatchServicer):
         self._site(request.site_id)
         latest = self.store.latest_plan(request.site_id)
         if latest is None:
-            from vpp.service.store import NotFoundError
-
             raise NotFoundError(f"no plan for site {request.site_id!r} yet")
         cycle, plan = latest
         p_kw = plan.get("p_kw", {})
@@ -472,8 +459,6 @@ class GridOperator(_Base, grid_operator_pb2_grpc.GridOperatorServicer):
         site = self._site(request.site_id)
         envelope = self.service.envelope(site)
         if envelope is None:
-            from vpp.service.store import NotFoundError
-
             raise NotFoundError(f"site {request.site_id!r} has not planned yet")
         start, step_s, lo, hi = envelope
         steps = [grid_operator_pb2.EnvelopeStep(time=_ts(start + k * step_s), p_min_kw=float(lo[k]),

@@ -243,19 +243,11 @@ class Engine:
         self.cycles_run += 1
         return outcomes
 
-    def _active_assets(self, site_id: str) -> list:
-        assets, token = [], ""
-        while True:
-            page, token = self.store.list_assets(site_id=site_id, page_size=1000, page_token=token)
-            assets += page
-            if not token:
-                return assets
-
     def _site_cycle(self, site: Site, when: datetime) -> CycleOutcome:
         from vpp.service.store import SetpointRecord
 
         t0 = time.perf_counter()
-        assets = self._active_assets(site.id)
+        assets = list(self.store.iter_assets(site_id=site.id))
         if not assets:
             return CycleOutcome(site.id, when, "optimal", "no active assets", time.perf_counter() - t0)
         park = site.park_for(assets)
@@ -308,11 +300,6 @@ class Engine:
     def _peak_so_far(self, site: Site, start: pd.Timestamp) -> float:
         """This month's highest planned first-step import so far (from stored plans)."""
         peak = 0.0
-        month = (start.year, start.month)
-        for cycle in self.store.last_cycles(site.id, limit=3000):
-            t = pd.Timestamp(cycle.cycle_start).tz_convert(start.tz)
-            if (t.year, t.month) != month:
-                break
         latest = self.store.latest_plan(site.id)
         if latest is not None:
             _, plan = latest

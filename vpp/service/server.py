@@ -135,13 +135,8 @@ class Service:
 
     def refresh_asset_metrics(self) -> None:
         counts: dict[tuple[str, str], int] = {}
-        token = ""
-        while True:
-            page, token = self.store.list_assets(include_decommissioned=True, page_size=1000, page_token=token)
-            for a in page:
-                counts[(a.kind, a.state)] = counts.get((a.kind, a.state), 0) + 1
-            if not token:
-                break
+        for a in self.store.iter_assets(include_decommissioned=True):
+            counts[(a.kind, a.state)] = counts.get((a.kind, a.state), 0) + 1
         self.metrics.set_asset_counts(counts)
 
     def envelope(self, site):

@@ -642,6 +642,16 @@ class Store:
             next_token = _encode_page(rows[page_size - 1].seq) if len(rows) > page_size else ""
         return records, next_token
 
+    def iter_assets(self, tenant: str | None = None, site_id: str | None = None, kind: str | None = None,
+                    include_decommissioned: bool = False) -> Iterator[AssetRecord]:
+        """Every matching asset, in creation order, read a page at a time."""
+        token = ""
+        while True:
+            page, token = self.list_assets(tenant, site_id, kind, include_decommissioned, MAX_PAGE_SIZE, token)
+            yield from page
+            if not token:
+                return
+
     def update_asset(self, asset_id: str, spec: dict) -> AssetRecord:
         """Replace an active asset's spec (the whole spec); SpecError if it is decommissioned."""
         spec = _json_object(spec, "spec")
