@@ -1,6 +1,7 @@
 """The service's persistent state, with SQLAlchemy 2: SQLite (WAL) by default, PostgreSQL by URL.
 
-What is stored: bearer tokens (as SHA-256 digests only), enrolled assets and their specs,
+What is stored: bearer tokens (as SHA-256 digests only, each with an optional expiry and a
+revocation time), enrolled assets and their specs,
 telemetry (the latest measurement per asset plus every measurement as history), grid
 operators' limits, flexibility requests, and every dispatch cycle with its plan and the
 setpoints it sent.
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint,
-                        and_, create_engine, event, func, make_url, select)
+                        and_, create_engine, event, func, inspect, make_url, select)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -68,6 +69,10 @@ class ConflictError(VppError):
 
 class NotFoundError(VppError):
     """Something other than an asset that is not stored (gRPC NOT_FOUND)."""
+
+
+class TokenRejected(VppError):
+    """A bearer token that is unknown, expired or revoked (gRPC UNAUTHENTICATED)."""
 
 
 def generate_token() -> str:
@@ -164,6 +169,16 @@ class TokenRow(Base):
     name: Mapped[str] = mapped_column(String(MAX_ID_CHARS))
     asset_id: Mapped[str | None] = mapped_column(ForeignKey("assets.asset_id"), nullable=True)
     create_time: Mapped[datetime] = mapped_column(UtcDateTime)
+    # None: never expires.  Checked at every call, so an expired token stops working at once.
+    expire_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Set by revoke_token; the row is kept so listings show who had access until when.
+    revoke_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+# Columns added to tables after their first release: (table, column, SQL type), added on
+# open to databases made by an older version (create_all only creates missing tables).
+_ADDED_COLUMNS = (("tokens", "expire_time", {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}),
+                  ("tokens", "revoke_time", {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}))
 
 
 class TelemetryRow(Base):
@@ -263,6 +278,24 @@ class Principal:
     tenant: str
     role: str
     asset_id: str | None = None
+    token_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A stored token's metadata (never the token or its digest)."""
+
+    token_id: str
+    tenant: str
+    role: str
+    name: str
+    asset_id: str | None
+    create_time: datetime
+    expire_time: datetime | None
+    revoke_time: datetime | None
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoke_time is None and (self.expire_time is None or now < self.expire_time)
 
 
 @dataclass(frozen=True)
@@ -330,6 +363,10 @@ class CycleRecord:
     violations_found: int
     violations_remaining: int
     reason: str | None
+
+
+def _token(r: TokenRow) -> TokenRecord:
+    return TokenRecord(r.token_id, r.tenant, r.role, r.name, r.asset_id, r.create_time, r.expire_time, r.revoke_time)
 
 
 def _asset(r: AssetRow) -> AssetRecord:
@@ -494,10 +531,19 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         # Short-lived sessions, one per call.  Writes go through an engine view that marks
         # their transactions (SQLite: BEGIN IMMEDIATE); reads take a plain snapshot.
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(vpp_write=True), expire_on_commit=False).begin
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database made by an older version up to the current columns (all nullable)."""
+        for table, column, sql_type in _ADDED_COLUMNS:
+            present = {c["name"] for c in inspect(self.engine).get_columns(table)}
+            if column not in present:
+                with self.engine.begin() as connection:
+                    connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type[self.dialect]}")
 
     def close(self) -> None:
         """Close the pooled connections (the store must not be used afterwards)."""
@@ -511,11 +557,13 @@ class Store:
 
     # --- tokens --------------------------------------------------------------------------------
 
-    def add_token(self, tenant: str, role: str, token: str, name: str = "", asset_id: str | None = None) -> str:
+    def add_token(self, tenant: str, role: str, token: str, name: str = "", asset_id: str | None = None,
+                  expire_time: datetime | None = None) -> str:
         """Store a bearer token's SHA-256 digest (never the token); return the token's id.
 
         ``role`` is "aggregator", "operator" or "device"; a device token is bound to one
-        enrolled ``asset_id`` of the same tenant, other roles take none.  A token that is
+        enrolled ``asset_id`` of the same tenant, other roles take none.  ``expire_time``
+        (tz-aware) ends its validity; None means it holds until revoked.  A token that is
         stored already raises :class:`ConflictError`.
         """
         tenant = _text(tenant, "tenant")
@@ -531,6 +579,8 @@ class Store:
                 raise SpecError("asset_id", "required: a device token belongs to one asset")
         elif asset_id is not None:
             raise SpecError("asset_id", f"only a device token is bound to an asset, not a {role} token")
+        if expire_time is not None:
+            expire_time = _utc(expire_time, "expire_time")
         digest = _digest(token)
         token_id = uuid.uuid4().hex
         try:
@@ -542,19 +592,67 @@ class Store:
                 if s.scalar(select(TokenRow.token_id).where(TokenRow.digest == digest)) is not None:
                     raise ConflictError("this token is stored already")
                 s.add(TokenRow(token_id=token_id, digest=digest, tenant=tenant, role=role, name=name,
-                               asset_id=asset_id, create_time=_now()))
+                               asset_id=asset_id, create_time=_now(), expire_time=expire_time, revoke_time=None))
         except IntegrityError:  # the same token added concurrently
             raise ConflictError("this token is stored already") from None
         return token_id
 
-    def authenticate(self, token: str) -> Principal | None:
-        """Who ``token`` belongs to, or None for an unknown token."""
+    def issue_token(self, tenant: str, role: str, name: str = "", asset_id: str | None = None,
+                    expire_time: datetime | None = None) -> tuple[str, str]:
+        """Make a new random token, store its digest; return (token_id, token).
+
+        The token itself is returned once and never stored: hand it to its holder now.
+        """
+        token = generate_token()
+        return self.add_token(tenant, role, token, name=name, asset_id=asset_id, expire_time=expire_time), token
+
+    def revoke_token(self, token_id: str) -> TokenRecord:
+        """Revoke a token by its id: every later call with it is refused (a running server
+        reads the token at each call, so no restart is needed).  Revoking twice keeps the
+        first revocation time."""
+        token_id = _text(token_id, "token_id")
+        with self._write() as s:
+            row = s.get(TokenRow, token_id)
+            if row is None:
+                raise NotFoundError(f"no token with id {token_id!r}")
+            if row.revoke_time is None:
+                row.revoke_time = _now()
+                s.flush()
+            record = _token(row)
+        return record
+
+    def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        """Every stored token's metadata (revoked and expired ones too), oldest first."""
+        q = select(TokenRow)
+        if tenant is not None:
+            q = q.where(TokenRow.tenant == tenant)
+        with self._read() as s:
+            return [_token(r) for r in s.scalars(q.order_by(TokenRow.create_time, TokenRow.token_id))]
+
+    def principal(self, token: str, now: datetime | None = None) -> Principal:
+        """Who ``token`` belongs to; :class:`TokenRejected` saying why if it is unknown,
+        expired (at ``now``, default the wall clock) or revoked."""
         if not isinstance(token, str) or not token:
-            return None
+            raise TokenRejected("missing bearer token")
         # Looked up by digest: timing reveals nothing useful about a 256-bit random token.
         with self._read() as s:
             row = s.scalar(select(TokenRow).where(TokenRow.digest == _digest(token)))
-            return None if row is None else Principal(row.tenant, row.role, row.asset_id)
+            if row is None:
+                raise TokenRejected("invalid token")
+            record = _token(row)
+        if record.revoke_time is not None:
+            raise TokenRejected(f"token {record.token_id} was revoked at {record.revoke_time.isoformat()}")
+        now = _now() if now is None else _utc(now, "now")
+        if record.expire_time is not None and now >= record.expire_time:
+            raise TokenRejected(f"token {record.token_id} expired at {record.expire_time.isoformat()}")
+        return Principal(record.tenant, record.role, record.asset_id, record.token_id)
+
+    def authenticate(self, token: str, now: datetime | None = None) -> Principal | None:
+        """Who ``token`` belongs to, or None for an unknown, expired or revoked token."""
+        try:
+            return self.principal(token, now)
+        except TokenRejected:
+            return None
 
     # --- assets --------------------------------------------------------------------------------
 
@@ -685,19 +783,50 @@ class Store:
         kept as history and becomes the asset's latest unless a measurement with a later
         ``time`` is stored already (a late, older one does not replace it).
         """
-        time = _utc(time, "time")
-        values = _json_object(values, "values")
+        refused = self.record_telemetry_batch([(asset_id, time, values)])
+        if refused:
+            raise refused[0][1]
+
+    def record_telemetry_batch(self, measurements: Sequence[tuple[str, datetime, dict]]) -> list[tuple[int, VppError]]:
+        """Store many measurements ``(asset_id, time, values)`` in one transaction.
+
+        Each is checked as :meth:`record_telemetry` checks one; the ones refused (bad time or
+        values, unknown or decommissioned asset) are returned as ``(position, error)`` and
+        the others stored, all with one commit: one fsync for the lot instead of one each.
+        """
+        refused: list[tuple[int, VppError]] = []
+        rows: list[tuple[int, str, datetime, dict]] = []
+        for i, (asset_id, time, values) in enumerate(measurements):
+            try:
+                rows.append((i, _text(asset_id, "asset_id"), _utc(time, "time"), _json_object(values, "values")))
+            except VppError as error:
+                refused.append((i, error))
+        if not rows:
+            return refused
         with self._write() as s:
-            row = self._asset_row(s, asset_id)
-            if row.state != "active":
-                raise SpecError("asset_id", f"asset {asset_id!r} is decommissioned")
-            s.add(TelemetryRow(asset_id=asset_id, time=time, values=values, receive_time=_now()))
-            insert = (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(LatestTelemetryRow)
-            insert = insert.values(asset_id=asset_id, time=time, values=values)
-            s.execute(insert.on_conflict_do_update(
-                index_elements=[LatestTelemetryRow.asset_id],
-                set_={"time": insert.excluded.time, "values": insert.excluded["values"]},
-                where=LatestTelemetryRow.time <= insert.excluded.time))
+            states: dict[str, str] = {}
+            for ids in _chunks([r[1] for r in rows]):
+                states.update(s.execute(select(AssetRow.asset_id, AssetRow.state).where(AssetRow.asset_id.in_(ids))).all())
+            keep = []
+            for i, asset_id, time, values in rows:
+                if asset_id not in states:
+                    refused.append((i, UnknownAssetError(asset_id)))
+                elif states[asset_id] != "active":
+                    refused.append((i, SpecError("asset_id", f"asset {asset_id!r} is decommissioned")))
+                else:
+                    keep.append((asset_id, time, values))
+            if keep:
+                received = _now()
+                s.add_all([TelemetryRow(asset_id=a, time=t, values=v, receive_time=received) for a, t, v in keep])
+                insert = (sqlite.insert if self.dialect == "sqlite" else postgresql.insert)(LatestTelemetryRow)
+                upsert = insert.on_conflict_do_update(
+                    index_elements=[LatestTelemetryRow.asset_id],
+                    set_={"time": insert.excluded.time, "values": insert.excluded["values"]},
+                    where=LatestTelemetryRow.time <= insert.excluded.time)
+                # executemany keeps the arrival order: within one batch the latest time wins,
+                # as it would call by call.
+                s.execute(upsert, [{"asset_id": a, "time": t, "values": v} for a, t, v in keep])
+        return sorted(refused, key=lambda r: r[0])
 
     def latest_telemetry(self, asset_ids: list[str]) -> dict[str, tuple[datetime, dict]]:
         """The latest measurement per asset: {asset_id: (time UTC, values)}; assets without any are left out."""
