@@ -213,6 +213,66 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def _expiry(args):
+    """--expires-in (e.g. 90d, 12h, 30m) or --expires-at (ISO 8601 with an offset) as a UTC time, or None."""
+    from datetime import datetime, timedelta, timezone
+
+    if args.expires_in and args.expires_at:
+        raise VppError("--expires-in, --expires-at: give one of them")
+    if args.expires_in:
+        text = args.expires_in.strip().lower()
+        units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+        try:
+            seconds = float(text[:-1]) * units[text[-1]]
+        except (KeyError, ValueError, IndexError):
+            raise VppError(f"--expires-in: {args.expires_in!r} is not a duration like 90d, 12h, 30m or 45s") from None
+        if not 0 < seconds < 100 * 365 * 86400:
+            raise VppError("--expires-in: must be positive and under 100 years")
+        return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    if args.expires_at:
+        try:
+            when = datetime.fromisoformat(args.expires_at)
+        except ValueError:
+            raise VppError(f"--expires-at: {args.expires_at!r} is not an ISO 8601 time") from None
+        if when.tzinfo is None:
+            raise VppError("--expires-at: give a UTC offset, e.g. 2026-12-31T00:00:00+00:00")
+        return when
+    return None
+
+
+def cmd_token(args) -> int:
+    """Issue, revoke and list bearer tokens in the service's database (a running server sees
+    the change at its next call: tokens are read at every request)."""
+    from vpp.service.config import load_config
+    from vpp.service.store import Store
+
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    config = load_config(args.config, data_dir=data_dir)
+    with Store(config.db_url) as store:
+        if args.action == "issue":
+            token_id, token = store.issue_token(args.tenant, args.role, name=args.name or "",
+                                                asset_id=args.asset_id, expire_time=_expiry(args))
+            record = next(r for r in store.list_tokens(args.tenant) if r.token_id == token_id)
+            expires = record.expire_time.isoformat() if record.expire_time else "never"
+            print(f"token_id={token_id} tenant={record.tenant} role={record.role} expires={expires}", file=sys.stderr)
+            print("the token is shown once; the database keeps only its SHA-256:", file=sys.stderr)
+            print(token)
+        elif args.action == "revoke":
+            record = store.revoke_token(args.token_id)
+            print(f"token_id={record.token_id} revoked={record.revoke_time.isoformat()}")
+        else:
+            from datetime import datetime, timezone
+
+            now = datetime.now(timezone.utc)
+            print(f"{'token_id':<32}  {'tenant':<12} {'role':<10} {'state':<8} {'expires':<25} name / asset")
+            for r in store.list_tokens(args.tenant):
+                state = "revoked" if r.revoke_time else ("valid" if r.usable(now) else "expired")
+                expires = r.expire_time.isoformat(timespec="seconds") if r.expire_time else "never"
+                print(f"{r.token_id:<32}  {r.tenant:<12} {r.role:<10} {state:<8} {expires:<25} "
+                      f"{r.name}{' ' + r.asset_id if r.asset_id else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vpp", description="Virtual power plant and park-microgrid dispatch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each dispatch cycle")
@@ -266,7 +326,24 @@ def main(argv: list[str] | None = None) -> int:
         if name == "watch":
             c.add_argument("--count", type=int, default=0, help="stop after this many batches (0: run on)")
         c.set_defaults(func=func)
+    k = sub.add_parser("token", help="issue, revoke or list the service's bearer tokens (in its database)")
+    k.add_argument("action", choices=["issue", "revoke", "list"])
+    k.add_argument("token_id", nargs="?", help="for revoke: the token's id (see `vpp token list`)")
+    k.add_argument("--config", help="service TOML, as for `vpp serve` (default: the embedded defaults)")
+    k.add_argument("--data-dir", help="the server's data folder (default ./data)")
+    k.add_argument("--tenant", help="issue: the token's tenant; list: only this tenant's tokens")
+    k.add_argument("--role", choices=["aggregator", "device", "operator"], help="issue: the token's role")
+    k.add_argument("--asset-id", help="issue: the asset a device token belongs to")
+    k.add_argument("--name", help="issue: a label for the token")
+    k.add_argument("--expires-in", help="issue: validity from now, e.g. 90d, 12h, 30m (default: until revoked)")
+    k.add_argument("--expires-at", help="issue: expiry time, ISO 8601 with an offset")
+    k.set_defaults(func=cmd_token)
     args = parser.parse_args(argv)
+    if args.command == "token":
+        if args.action == "issue" and not (args.tenant and args.role):
+            parser.error("token issue: --tenant and --role are required")
+        if args.action == "revoke" and not args.token_id:
+            parser.error("token revoke: give the token id")
     # The service logs one key=value line per cycle (and per start/stop) by default.
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
                         format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")

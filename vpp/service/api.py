@@ -13,11 +13,19 @@ operator        set and lift limits, submit flexibility requests, read envelopes
                 status, every plan and setpoint; read every asset
 ==============  ==========================================================================
 
-Errors map to status codes in one place (:func:`_rpc`): a bad field is INVALID_ARGUMENT
-naming it, unknown ids NOT_FOUND, a conflicting enrollment ALREADY_EXISTS, a missing or
-wrong token UNAUTHENTICATED, a call outside the role or tenant PERMISSION_DENIED.  Any
-other exception is logged and answered INTERNAL; the server keeps serving and nothing is
-stored for a refused request.
+Errors map to status codes in one place (:func:`_code_of`): a bad field, or bytes that
+are not a valid message of the method's request type, is INVALID_ARGUMENT naming it;
+unknown ids NOT_FOUND; a conflicting enrollment ALREADY_EXISTS; a missing, unknown,
+expired or revoked token UNAUTHENTICATED (checked at every call, and again on open
+streams, so a revocation needs no restart); a call outside the role or tenant
+PERMISSION_DENIED; storage that cannot write UNAVAILABLE.  Any other exception is logged
+and answered INTERNAL; the server keeps serving and nothing is stored for a refused
+request.
+
+The request checks are plain functions (:func:`measurement_values`, :func:`limit_values`,
+:func:`flex_values`, :func:`cycle_limit`, :func:`asset_filter`) that turn a message into
+checked values or raise :class:`~vpp.errors.SpecError`; the servicers only call them,
+the store and the engine.
 """
 
 from __future__ import annotations
@@ -26,15 +34,16 @@ import functools
 import logging
 import math
 import queue
+import threading
 import time
 from datetime import datetime, timezone
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, message, message_factory, struct_pb2, timestamp_pb2
 from sqlalchemy.exc import OperationalError
 
 from vpp.errors import SpecError, UnknownAssetError, VppError
-from vpp.service.store import ConflictError, NotFoundError
+from vpp.service.store import ConflictError, NotFoundError, TokenRejected
 from vpp.v1 import (assets_pb2, assets_pb2_grpc, common_pb2, dispatch_pb2, dispatch_pb2_grpc, grid_operator_pb2,
                     grid_operator_pb2_grpc, telemetry_pb2, telemetry_pb2_grpc)
 
@@ -52,6 +61,11 @@ ELEMENTS = {grid_operator_pb2.GRID_ELEMENT_CONNECTION_IMPORT: "connection_import
             grid_operator_pb2.GRID_ELEMENT_TRANSFORMER: "transformer", grid_operator_pb2.GRID_ELEMENT_LINE: "line"}
 ELEMENT_ENUM = {v: k for k, v in ELEMENTS.items()}
 
+TELEMETRY_BATCH = 500        # measurements of a stream stored per transaction
+TELEMETRY_FLUSH_S = 0.2      # a stream that pauses this long has its measurements stored
+TOKEN_RECHECK_S = 5.0        # an open stream re-reads its token this often (revocation, expiry)
+MAX_LIMIT_ID = 2**63 - 1     # limit ids are 64-bit integers in every database
+
 
 class Denied(VppError):
     """The caller's role or tenant does not allow this call."""
@@ -61,8 +75,18 @@ class Unauthenticated(VppError):
     pass
 
 
+class Malformed:
+    """What the server hands a method for request bytes that do not parse as its message."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.type_name, self.error = type_name, error
+
+    def check(self, field: str = "request") -> None:
+        raise SpecError(field, f"not a valid {self.type_name} message ({self.error})")
+
+
 def _code_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, Unauthenticated):
+    if isinstance(error, (Unauthenticated, TokenRejected)):
         return grpc.StatusCode.UNAUTHENTICATED, str(error)
     if isinstance(error, Denied):
         return grpc.StatusCode.PERMISSION_DENIED, str(error)
@@ -94,6 +118,8 @@ def _rpc(method):
             t0 = time.perf_counter()
             try:
                 principal = self._principal(context)
+                if isinstance(request, Malformed):
+                    request.check()
                 yield from method(self, request, context, principal)
             except Exception as error:
                 if isinstance(error, grpc.RpcError) or context.code() is not None:
@@ -107,6 +133,8 @@ def _rpc(method):
         t0 = time.perf_counter()
         try:
             principal = self._principal(context)
+            if isinstance(request, Malformed):
+                request.check()
             response = method(self, request, context, principal)
         except Exception as error:
             fail(self, context, error, t0)
@@ -148,22 +176,125 @@ def _window(window, field: str) -> tuple[datetime, datetime]:
     return start, end
 
 
+# --- request checks: message in, checked values out (SpecError naming the field otherwise) ----
+
+
+def measurement_values(m: telemetry_pb2.Measurement) -> tuple[str, datetime, dict]:
+    """A Measurement as (asset_id, time UTC, values): finite powers [kW, kvar], stored
+    energies [kWh] >= 0 (e_th_kwh may be negative: heat below the band), 0 <= soc_frac <= 1,
+    EV sessions with ids, departure after arrival and energies >= 0."""
+    if not m.asset_id:
+        raise SpecError("asset_id", "required")
+    when = _dt(m.time, "time")
+    values = {"p_kw": _finite(m.p_kw, "p_kw"), "q_kvar": _finite(m.q_kvar, "q_kvar")}
+    for name in ("e_kwh", "soc_frac", "e_th_kwh"):
+        if m.HasField(name):
+            values[name] = _finite(getattr(m, name), name, nonneg=name != "e_th_kwh")
+    if m.HasField("soc_frac") and m.soc_frac > 1:
+        raise SpecError("soc_frac", "must lie in 0..1")
+    sessions = []
+    for i, s in enumerate(m.ev_sessions):
+        where = f"ev_sessions[{i}]"
+        if not s.session_id or not s.charger_id:
+            raise SpecError(f"{where}.session_id", "session_id and charger_id are required")
+        arrival, departure = _dt(s.arrival, f"{where}.arrival"), _dt(s.departure, f"{where}.departure")
+        if departure <= arrival:
+            raise SpecError(f"{where}.departure", "must be after arrival")
+        sessions.append({"session_id": s.session_id, "charger_id": s.charger_id, "arrival": arrival.isoformat(),
+                         "departure": departure.isoformat(),
+                         "energy_kwh": _finite(s.energy_kwh, f"{where}.energy_kwh", True),
+                         "max_kw": _finite(s.max_kw, f"{where}.max_kw", True) if s.HasField("max_kw") else None,
+                         "delivered_kwh": _finite(s.delivered_kwh, f"{where}.delivered_kwh", True)})
+    if sessions:
+        values["ev_sessions"] = sessions
+    return m.asset_id, when, values
+
+
+def limit_values(request: grid_operator_pb2.SetLimitRequest, branch_names: dict[str, list[str]]) -> dict:
+    """A SetLimitRequest as keyword arguments of ``Store.add_limit`` (less site and author).
+
+    ``branch_names`` lists the site's transformers and lines by element ("transformer",
+    "line"); a branch limit must name one of them.  Connection limits are in kW, branch
+    limits in kW or percent of the rating; values finite and >= 0."""
+    if request.element not in ELEMENTS:
+        raise SpecError("element", "required: CONNECTION_IMPORT, CONNECTION_EXPORT, TRANSFORMER or LINE")
+    element = ELEMENTS[request.element]
+    start, end = _window(request.window, "window")
+    which = request.WhichOneof("value")
+    if which is None:
+        raise SpecError("limit_kw", "give limit_kw or limit_percent")
+    value = _finite(getattr(request, which), which, nonneg=True)
+    if element.startswith("connection"):
+        if which != "limit_kw":
+            raise SpecError("limit_percent", "a connection limit is given in kW (limit_kw)")
+    else:
+        names = branch_names.get(element, [])
+        if request.element_name not in names:
+            raise SpecError("element_name", f"no {element} named {request.element_name!r}; e.g. {names[:3]}")
+    return dict(element=element, element_name=request.element_name, start=start, end=end,
+                limit_kw=value if which == "limit_kw" else None,
+                limit_percent=value if which == "limit_percent" else None)
+
+
+def flex_values(request: grid_operator_pb2.SubmitFlexRequestRequest) -> dict:
+    """A SubmitFlexRequestRequest as keyword arguments of ``Store.add_flex_request`` (less
+    site and author): a window, at least one finite import bound [kW] with min <= max, a
+    price [CNY/kWh] >= 0 if given, the priority."""
+    start, end = _window(request.window, "window")
+    bounds = {}
+    for name in ("max_import_kw", "min_import_kw", "price_cny_per_kwh"):
+        if request.HasField(name):
+            bounds[name] = _finite(getattr(request, name), name, nonneg=name == "price_cny_per_kwh")
+    if "max_import_kw" not in bounds and "min_import_kw" not in bounds:
+        raise SpecError("max_import_kw", "give max_import_kw, min_import_kw or both")
+    if bounds.get("min_import_kw", -math.inf) > bounds.get("max_import_kw", math.inf):
+        raise SpecError("min_import_kw", "must not exceed max_import_kw")
+    return dict(start=start, end=end, priority=request.priority, **bounds)
+
+
+def cycle_limit(request: grid_operator_pb2.GetCycleStatusRequest) -> int:
+    """How many cycles a GetCycleStatusRequest asks for: 10 when unset, else 1..1000."""
+    limit = request.limit or 10
+    if not 1 <= limit <= 1000:
+        raise SpecError("limit", "must lie in 1..1000")
+    return limit
+
+
+def asset_filter(request: assets_pb2.ListAssetsRequest) -> dict:
+    """A ListAssetsRequest as keyword arguments of ``Store.list_assets`` (less the tenant):
+    page size 100 when unset, else 1..1000; a known kind or none."""
+    kind = None
+    if request.kind != common_pb2.ASSET_KIND_UNSPECIFIED:
+        if request.kind not in KINDS:
+            raise SpecError("kind", f"unknown kind {request.kind}")
+        kind = KINDS[request.kind]
+    page_size = request.page_size or 100
+    if not 1 <= page_size <= 1000:
+        raise SpecError("page_size", "must lie in 1..1000")
+    return dict(site_id=request.site_id or None, kind=kind, include_decommissioned=request.include_decommissioned,
+                page_size=page_size, page_token=request.page_token)
+
+
+def limit_id(request: grid_operator_pb2.LiftLimitRequest) -> int:
+    """The id of a LiftLimitRequest: a positive whole number."""
+    if not request.limit_id:
+        raise SpecError("limit_id", "required")
+    text = request.limit_id.strip()
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT_ID:
+        raise SpecError("limit_id", f"not a limit id: {request.limit_id[:40]!r}")
+    return int(text)
+
+
 class _Base:
     def __init__(self, service):
         self.service = service
         self.store = service.store
 
     def _principal(self, context):
-        token = ""
-        for key, value in context.invocation_metadata():
-            if key == "authorization" and value.lower().startswith("bearer "):
-                token = value[7:].strip()
+        token = _bearer(context)
         if not token:
             raise Unauthenticated("missing bearer token (metadata 'authorization: Bearer <token>')")
-        principal = self.store.authenticate(token)
-        if principal is None:
-            raise Unauthenticated("invalid token")
-        return principal
+        return self.store.principal(token)
 
     @staticmethod
     def _require(principal, *roles: str) -> None:
@@ -175,9 +306,10 @@ class _Base:
         self._require(principal, *roles)
         if not asset_id:
             raise SpecError("asset_id", "required")
-        asset = self.store.get_asset(asset_id)
         if principal.role == "device" and principal.asset_id != asset_id:
+            # Checked before the lookup: a device token learns nothing about other ids.
             raise Denied("a device token reads and reports only its own asset")
+        asset = self.store.get_asset(asset_id)
         if principal.role == "aggregator" and asset.tenant != principal.tenant:
             raise Denied(f"asset {asset_id!r} belongs to another tenant")
         return asset
@@ -223,14 +355,7 @@ class AssetRegistry(_Base, assets_pb2_grpc.AssetRegistryServicer):
     def ListAssets(self, request, context, principal):
         self._require(principal, "aggregator", "operator")
         tenant = principal.tenant if principal.role == "aggregator" else None
-        kind = None
-        if request.kind != common_pb2.ASSET_KIND_UNSPECIFIED:
-            if request.kind not in KINDS:
-                raise SpecError("kind", f"unknown kind {request.kind}")
-            kind = KINDS[request.kind]
-        records, token = self.store.list_assets(tenant=tenant, site_id=request.site_id or None, kind=kind,
-                                                include_decommissioned=request.include_decommissioned,
-                                                page_size=request.page_size or 100, page_token=request.page_token)
+        records, token = self.store.list_assets(tenant=tenant, **asset_filter(request))
         return assets_pb2.ListAssetsResponse(assets=[_asset_message(a) for a in records], next_page_token=token)
 
     @_rpc
@@ -249,38 +374,16 @@ class AssetRegistry(_Base, assets_pb2_grpc.AssetRegistryServicer):
 
 
 class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
-    def _record(self, m, principal) -> None:
-        self._own_asset(principal, m.asset_id, ("aggregator", "device"))
-        when = _dt(m.time, "time")
-        values = {"p_kw": _finite(m.p_kw, "p_kw"), "q_kvar": _finite(m.q_kvar, "q_kvar")}
-        for name in ("e_kwh", "soc_frac", "e_th_kwh"):
-            if m.HasField(name):
-                values[name] = _finite(getattr(m, name), name, nonneg=name != "e_th_kwh")
-        if m.HasField("soc_frac") and m.soc_frac > 1:
-            raise SpecError("soc_frac", "must lie in 0..1")
-        sessions = []
-        for i, s in enumerate(m.ev_sessions):
-            where = f"ev_sessions[{i}]"
-            if not s.session_id or not s.charger_id:
-                raise SpecError(f"{where}.session_id", "session_id and charger_id are required")
-            arrival, departure = _dt(s.arrival, f"{where}.arrival"), _dt(s.departure, f"{where}.departure")
-            if departure <= arrival:
-                raise SpecError(f"{where}.departure", "must be after arrival")
-            sessions.append({"session_id": s.session_id, "charger_id": s.charger_id, "arrival": arrival.isoformat(),
-                             "departure": departure.isoformat(),
-                             "energy_kwh": _finite(s.energy_kwh, f"{where}.energy_kwh", True),
-                             "max_kw": _finite(s.max_kw, f"{where}.max_kw", True) if s.HasField("max_kw") else None,
-                             "delivered_kwh": _finite(s.delivered_kwh, f"{where}.delivered_kwh", True)})
-        if sessions:
-            values["ev_sessions"] = sessions
-        self.store.record_telemetry(m.asset_id, when, values)
-
     @_rpc
     def ReportTelemetry(self, request, context, principal):
-        self._record(request, principal)
+        self._own_asset(principal, request.asset_id, ("aggregator", "device"))
+        self.store.record_telemetry(*measurement_values(request))
         return telemetry_pb2.ReportTelemetryResponse()
 
     def StreamTelemetry(self, request_iterator, context):
+        """Check each measurement as ReportTelemetry does; store the good ones in batches
+        (one transaction per TELEMETRY_BATCH, or when the stream pauses TELEMETRY_FLUSH_S),
+        every one before the summary acknowledges it."""
         t0 = time.perf_counter()
         try:
             principal = self._principal(context)
@@ -289,17 +392,114 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
             self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
             context.abort(code, message)
         accepted, errors = 0, []
-        for i, m in enumerate(request_iterator):
+        allowed: dict[str, VppError | None] = {}  # per asset id: None, or why this caller may not report it
+        pending: list[tuple[int, tuple]] = []
+        checked_at = time.monotonic()
+
+        def flush():
+            nonlocal accepted
+            if not pending:
+                return
             try:
-                self._record(m, principal)
-                accepted += 1
-            except VppError as error:  # one bad measurement does not cost the stream the rest
-                errors.append(f"measurement {i}: {error}")
-            except Exception:
-                log.exception("StreamTelemetry measurement %d failed", i)
-                errors.append(f"measurement {i}: internal error")
+                refused = dict(self.store.record_telemetry_batch([m for _, m in pending]))
+            except OperationalError:
+                log.exception("StreamTelemetry: storage unavailable")
+                refused = {k: VppError("storage unavailable; not stored") for k in range(len(pending))}
+            for k, (i, _) in enumerate(pending):
+                if k in refused:
+                    errors.append(f"measurement {i}: {refused[k]}")
+                else:
+                    accepted += 1
+            pending.clear()
+
+        try:
+            for i, m in _paced(request_iterator, TELEMETRY_FLUSH_S):
+                if m is None:  # the client paused: store what has come so far
+                    flush()
+                    continue
+                if time.monotonic() - checked_at > TOKEN_RECHECK_S:  # a token revoked mid-stream stops it
+                    self.store.principal(_bearer(context))
+                    checked_at = time.monotonic()
+                try:
+                    if isinstance(m, Malformed):
+                        m.check("measurement")
+                    if m.asset_id not in allowed:
+                        try:
+                            self._own_asset(principal, m.asset_id, ("aggregator", "device"))
+                            allowed[m.asset_id] = None
+                        except (Denied, SpecError, UnknownAssetError) as error:
+                            allowed[m.asset_id] = error
+                    if allowed[m.asset_id] is not None:
+                        raise allowed[m.asset_id]
+                    pending.append((i, measurement_values(m)))
+                except VppError as error:  # one bad measurement does not cost the stream the rest
+                    errors.append(f"measurement {i}: {error}")
+                if len(pending) >= TELEMETRY_BATCH:
+                    flush()
+            flush()
+        except TokenRejected as error:
+            flush()  # what came before the revocation was sent with a valid token
+            self.service.metrics.observe_rpc("StreamTelemetry", "UNAUTHENTICATED", time.perf_counter() - t0)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
         self.service.metrics.observe_rpc("StreamTelemetry", "OK", time.perf_counter() - t0)
         return telemetry_pb2.TelemetrySummary(accepted=accepted, rejected=len(errors), errors=errors[:100])
+
+
+def _bearer(context) -> str:
+    for key, value in context.invocation_metadata():
+        if key == "authorization" and value.lower().startswith("bearer "):
+            return value[7:].strip()
+    return ""
+
+
+_END = object()
+
+
+def _paced(iterator, pause_s: float):
+    """(index, item) of ``iterator``, with (-1, None) whenever no item came for ``pause_s``.
+
+    A helper thread reads the (blocking) request stream, so the caller can act on a pause;
+    the queue between them is bounded, so a slow store slows the client down (flow
+    control) instead of filling memory.  An error of the stream is raised here.
+    """
+    items: queue.Queue = queue.Queue(maxsize=4 * TELEMETRY_BATCH)
+    done = threading.Event()
+
+    def put(item) -> bool:
+        while not done.is_set():
+            try:
+                items.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read():
+        try:
+            for item in iterator:
+                if not put(item):
+                    return
+        except Exception as error:  # handed to the consumer
+            put(error)
+        put(_END)
+
+    threading.Thread(target=read, name="telemetry-stream-reader", daemon=True).start()
+    i = 0
+    try:
+        while True:
+            try:
+                item = items.get(timeout=pause_s)
+            except queue.Empty:
+                yield -1, None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield i, item
+            i += 1
+    finally:
+        done.set()  # the reader stops rather than wait on a queue nobody reads
 
 
 def _setpoint_message(s, cycle_start=None) -> common_pb2.Setpoint:
@@ -330,8 +530,12 @@ class Dispatch(_Base, dispatch_pb2_grpc.DispatchServicer):
         if request.site_id:
             self._site(request.site_id)
         q = self.service.engine.subscribe()
+        checked_at = time.monotonic()
         try:
             while context.is_active():
+                if time.monotonic() - checked_at > TOKEN_RECHECK_S:  # a revoked or expired token ends the stream
+                    self.store.principal(_bearer(context))
+                    checked_at = time.monotonic()
                 try:
                     outcome = q.get(timeout=0.5)
                 except queue.Empty:
@@ -390,36 +594,16 @@ class GridOperator(_Base, grid_operator_pb2_grpc.GridOperatorServicer):
     def SetLimit(self, request, context, principal):
         self._require(principal, "operator")
         site = self._site(request.site_id)
-        if request.element not in ELEMENTS:
-            raise SpecError("element", "required: CONNECTION_IMPORT, CONNECTION_EXPORT, TRANSFORMER or LINE")
-        element = ELEMENTS[request.element]
-        start, end = _window(request.window, "window")
-        which = request.WhichOneof("value")
-        if which is None:
-            raise SpecError("limit_kw", "give limit_kw or limit_percent")
-        value = _finite(getattr(request, which), which, nonneg=True)
-        if element.startswith("connection"):
-            if which != "limit_kw":
-                raise SpecError("limit_percent", "a connection limit is given in kW (limit_kw)")
-        else:
-            grid = site.template.grid
-            kind = "trafo" if element == "transformer" else "line"
-            names = [n for n, k in zip(grid.branch_names, grid.branch_kind) if k == kind]
-            if request.element_name not in names:
-                raise SpecError("element_name", f"no {element} named {request.element_name!r} at site "
-                                                f"{request.site_id!r}; e.g. {names[:3]}")
-        record = self.store.add_limit(request.site_id, element, request.element_name, start, end,
-                                      limit_kw=value if which == "limit_kw" else None,
-                                      limit_percent=value if which == "limit_percent" else None,
-                                      created_by=principal.tenant)
+        grid = site.template.grid
+        branches = {"transformer": [n for n, k in zip(grid.branch_names, grid.branch_kind) if k == "trafo"],
+                    "line": [n for n, k in zip(grid.branch_names, grid.branch_kind) if k == "line"]}
+        record = self.store.add_limit(request.site_id, created_by=principal.tenant, **limit_values(request, branches))
         return _limit_message(record)
 
     @_rpc
     def LiftLimit(self, request, context, principal):
         self._require(principal, "operator")
-        if not request.limit_id:
-            raise SpecError("limit_id", "required")
-        return _limit_message(self.store.lift_limit(request.limit_id))
+        return _limit_message(self.store.lift_limit(limit_id(request)))
 
     @_rpc
     def ListLimits(self, request, context, principal):
@@ -434,17 +618,7 @@ class GridOperator(_Base, grid_operator_pb2_grpc.GridOperatorServicer):
         self._require(principal, "operator")
         if request.site_id:
             self._site(request.site_id)
-        start, end = _window(request.window, "window")
-        bounds = {}
-        for name in ("max_import_kw", "min_import_kw", "price_cny_per_kwh"):
-            if request.HasField(name):
-                bounds[name] = _finite(getattr(request, name), name, nonneg=name == "price_cny_per_kwh")
-        if "max_import_kw" not in bounds and "min_import_kw" not in bounds:
-            raise SpecError("max_import_kw", "give max_import_kw, min_import_kw or both")
-        if bounds.get("min_import_kw", -math.inf) > bounds.get("max_import_kw", math.inf):
-            raise SpecError("min_import_kw", "must not exceed max_import_kw")
-        r = self.store.add_flex_request(request.site_id, start, end, priority=request.priority,
-                                        created_by=principal.tenant, **bounds)
+        r = self.store.add_flex_request(request.site_id, created_by=principal.tenant, **flex_values(request))
         m = grid_operator_pb2.FlexRequest(request_id=str(r.request_id), site_id=r.site_id,
                                           window=common_pb2.TimeWindow(start=_ts(r.start), end=_ts(r.end)),
                                           priority=r.priority, create_time=_ts(r.create_time))
@@ -470,11 +644,8 @@ class GridOperator(_Base, grid_operator_pb2_grpc.GridOperatorServicer):
     def GetCycleStatus(self, request, context, principal):
         self._require(principal, "operator")
         self._site(request.site_id)
-        limit = request.limit or 10
-        if not 1 <= limit <= 1000:
-            raise SpecError("limit", "must lie in 1..1000")
         cycles = []
-        for c in self.store.last_cycles(request.site_id, limit=limit):
+        for c in self.store.last_cycles(request.site_id, limit=cycle_limit(request)):
             m = grid_operator_pb2.CycleStatus(site_id=c.site_id, cycle_start=_ts(c.cycle_start),
                                               solve_seconds=c.solve_s, total_seconds=c.total_s,
                                               violations_found=c.violations_found,
@@ -486,13 +657,45 @@ class GridOperator(_Base, grid_operator_pb2_grpc.GridOperatorServicer):
         return grid_operator_pb2.GetCycleStatusResponse(cycles=cycles)
 
 
+SERVICES = (assets_pb2.DESCRIPTOR.services_by_name["AssetRegistry"],
+            telemetry_pb2.DESCRIPTOR.services_by_name["Telemetry"],
+            dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"],
+            grid_operator_pb2.DESCRIPTOR.services_by_name["GridOperator"])
+
+
+def _lenient(message_class):
+    """A request deserializer that hands bytes which do not parse to the method as
+    :class:`Malformed` (answered INVALID_ARGUMENT) instead of failing inside gRPC (INTERNAL)."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (message.DecodeError, RecursionError, ValueError) as error:
+            return Malformed(name, error)
+    return deserialize
+
+
+def _handlers(servicer, service) -> dict[str, grpc.RpcMethodHandler]:
+    handlers = {}
+    for method in service.methods:
+        request = _lenient(message_factory.GetMessageClass(method.input_type))
+        response = message_factory.GetMessageClass(method.output_type).SerializeToString
+        shape = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming,
+                                                                        method.server_streaming)]
+        handlers[method.name] = shape(getattr(servicer, method.name), request_deserializer=request,
+                                      response_serializer=response)
+    return handlers
+
+
 def add_services(server, service) -> list[str]:
     """Register the four services; return their full names (for health and reflection)."""
-    assets_pb2_grpc.add_AssetRegistryServicer_to_server(AssetRegistry(service), server)
-    telemetry_pb2_grpc.add_TelemetryServicer_to_server(Telemetry(service), server)
-    dispatch_pb2_grpc.add_DispatchServicer_to_server(Dispatch(service), server)
-    grid_operator_pb2_grpc.add_GridOperatorServicer_to_server(GridOperator(service), server)
-    return [d.full_name for d in (assets_pb2.DESCRIPTOR.services_by_name["AssetRegistry"],
-                                  telemetry_pb2.DESCRIPTOR.services_by_name["Telemetry"],
-                                  dispatch_pb2.DESCRIPTOR.services_by_name["Dispatch"],
-                                  grid_operator_pb2.DESCRIPTOR.services_by_name["GridOperator"])]
+    servicers = (AssetRegistry(service), Telemetry(service), Dispatch(service), GridOperator(service))
+    for servicer, descriptor in zip(servicers, SERVICES):
+        handlers = _handlers(servicer, descriptor)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+        server.add_registered_method_handlers(descriptor.full_name, handlers)
+    return [d.full_name for d in SERVICES]
