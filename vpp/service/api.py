@@ -75,6 +75,10 @@ class Unauthenticated(VppError):
     pass
 
 
+class StorageUnavailable(VppError):
+    """The database cannot take writes now (gRPC UNAVAILABLE)."""
+
+
 class Malformed:
     """What the server hands a method for request bytes that do not parse as its message."""
 
@@ -96,6 +100,8 @@ def _code_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(error)
     if isinstance(error, ConflictError):
         return grpc.StatusCode.ALREADY_EXISTS, str(error)
+    if isinstance(error, StorageUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, OperationalError):  # disk full, read-only or locked database, lost connection
         return grpc.StatusCode.UNAVAILABLE, "storage unavailable; nothing was written, try again later"
     return grpc.StatusCode.INTERNAL, "internal error"
@@ -404,10 +410,11 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
                 refused = dict(self.store.record_telemetry_batch([m for _, m in pending]))
             except OperationalError:
                 log.exception("StreamTelemetry: storage unavailable")
-                refused = {k: VppError("storage unavailable; not stored") for k in range(len(pending))}
+                refused = {k: StorageUnavailable("storage unavailable; not stored, send it again later")
+                           for k in range(len(pending))}
             for k, (i, _) in enumerate(pending):
                 if k in refused:
-                    errors.append(f"measurement {i}: {refused[k]}")
+                    errors.append(f"measurement {i}: {_code_of(refused[k])[0].name}: {refused[k]}")
                 else:
                     accepted += 1
             pending.clear()
@@ -433,7 +440,7 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
                         raise allowed[m.asset_id]
                     pending.append((i, measurement_values(m)))
                 except VppError as error:  # one bad measurement does not cost the stream the rest
-                    errors.append(f"measurement {i}: {error}")
+                    errors.append(f"measurement {i}: {_code_of(error)[0].name}: {error}")
                 if len(pending) >= TELEMETRY_BATCH:
                     flush()
             flush()
