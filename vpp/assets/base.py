@@ -47,6 +47,10 @@ class AssetSpec(BaseModel):
     kind: str
     bus: str | int = Field(description="pandapower bus name or index the asset is connected to")
     name: str = ""
+    ramp_kw_per_min: float | None = Field(
+        None, gt=0, le=1e6,
+        description="fastest change of the active-power setpoint the service sends [kW/min]; None: no limit",
+    )
 
 
 @dataclass

@@ -59,6 +59,9 @@ def enroll_park_assets(store, site_config, park) -> int:
     for fleet in park.fleets.values():
         for spec in fleet.specs:
             data = json.loads(spec.model_dump_json(exclude={"id", "kind", "bus", "name"}))
+            if data.get("ramp_kw_per_min") is None:
+                # Unset, it is left out, so the specs stored before the field existed still match.
+                data.pop("ramp_kw_per_min", None)
             store.enroll_asset(site_config.demo_tenant, site_config.id, spec.id, spec.kind, str(spec.bus), data)
             count += 1
     return count
