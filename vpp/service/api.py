@@ -39,7 +39,7 @@ import time
 from datetime import datetime, timezone
 
 import grpc
-from google.protobuf import json_format, message, message_factory, struct_pb2, timestamp_pb2
+from google.protobuf import message, message_factory, struct_pb2, timestamp_pb2
 from sqlalchemy.exc import OperationalError
 
 from vpp.errors import SpecError, UnknownAssetError, VppError
@@ -65,6 +65,13 @@ TELEMETRY_BATCH = 500        # measurements of a stream stored per transaction
 TELEMETRY_FLUSH_S = 0.2      # a stream that pauses this long has its measurements stored
 TOKEN_RECHECK_S = 5.0        # an open stream re-reads its token this often (revocation, expiry)
 MAX_LIMIT_ID = 2**63 - 1     # limit ids are 64-bit integers in every database
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)   # accepted timestamps: [EARLIEST, LATEST)
+LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
+MAX_POWER_KW = 1e6           # any power, limit or import bound [kW or kvar]; asset ratings stop at 1e6 too
+MAX_ENERGY_KWH = 1e7         # stored energy [kWh, kWh_th]
+MAX_SESSION_KWH = 1e4        # one EV session's energy [kWh]
+MAX_LIMIT_PERCENT = 1e4      # a branch loading limit [% of rating]
+MAX_PRICE_CNY_PER_KWH = 1e6
 
 
 class Denied(VppError):
@@ -157,22 +164,58 @@ def _ts(value: datetime | None) -> timestamp_pb2.Timestamp:
 
 
 def _dt(ts: timestamp_pb2.Timestamp, field: str, required: bool = True) -> datetime | None:
+    """A Timestamp as an aware UTC datetime in [EARLIEST, LATEST); SpecError naming the field otherwise.
+
+    The range keeps every stored time usable by the dispatch (pandas counts nanoseconds
+    from 1970 and ends in 2262): one telemetry report dated 9999 used to fail every cycle
+    of its site until newer telemetry replaced it.
+    """
     if ts.seconds == 0 and ts.nanos == 0:
         if required:
             raise SpecError(field, "required timestamp is missing")
         return None
     try:
-        return ts.ToDatetime(tzinfo=timezone.utc)
+        value = ts.ToDatetime(tzinfo=timezone.utc)
     except (ValueError, OverflowError, OSError):
         raise SpecError(field, "timestamp out of range") from None
+    if not EARLIEST <= value < LATEST:
+        raise SpecError(field, f"must lie in [{EARLIEST:%Y-%m-%d}, {LATEST:%Y-%m-%d}), got {value.isoformat()}")
+    return value
 
 
-def _finite(value: float, field: str, nonneg: bool = False) -> float:
+def _finite(value: float, field: str, nonneg: bool = False, bound: float = 1e6) -> float:
+    """A finite number with ``|value| <= bound`` (and >= 0 if ``nonneg``); SpecError otherwise."""
     if not math.isfinite(value):
         raise SpecError(field, "must be a finite number")
     if nonneg and value < 0:
         raise SpecError(field, "must not be negative")
+    if abs(value) > bound:
+        raise SpecError(field, f"magnitude above {bound:g} is not physical")
     return value
+
+
+def spec_values(spec: struct_pb2.Struct, field: str = "spec") -> dict:
+    """A Struct as plain JSON values; numbers must be finite (SpecError naming the key otherwise).
+
+    Done by hand rather than with json_format, which raises a bare ValueError on NaN and
+    infinity (answered INTERNAL before this existed)."""
+    def value(v: struct_pb2.Value, where: str):
+        kind = v.WhichOneof("kind")
+        if kind == "number_value":
+            if not math.isfinite(v.number_value):
+                raise SpecError(where, "must be a finite number")
+            return v.number_value
+        if kind == "string_value":
+            return v.string_value
+        if kind == "bool_value":
+            return v.bool_value
+        if kind == "struct_value":
+            return {k: value(x, f"{where}.{k}") for k, x in v.struct_value.fields.items()}
+        if kind == "list_value":
+            return [value(x, f"{where}[{i}]") for i, x in enumerate(v.list_value.values)]
+        return None  # null_value, or no kind set
+
+    return {k: value(v, f"{field}.{k}") for k, v in spec.fields.items()}
 
 
 def _window(window, field: str) -> tuple[datetime, datetime]:
@@ -192,10 +235,11 @@ def measurement_values(m: telemetry_pb2.Measurement) -> tuple[str, datetime, dic
     if not m.asset_id:
         raise SpecError("asset_id", "required")
     when = _dt(m.time, "time")
-    values = {"p_kw": _finite(m.p_kw, "p_kw"), "q_kvar": _finite(m.q_kvar, "q_kvar")}
+    values = {"p_kw": _finite(m.p_kw, "p_kw", bound=MAX_POWER_KW),
+              "q_kvar": _finite(m.q_kvar, "q_kvar", bound=MAX_POWER_KW)}
     for name in ("e_kwh", "soc_frac", "e_th_kwh"):
         if m.HasField(name):
-            values[name] = _finite(getattr(m, name), name, nonneg=name != "e_th_kwh")
+            values[name] = _finite(getattr(m, name), name, nonneg=name != "e_th_kwh", bound=MAX_ENERGY_KWH)
     if m.HasField("soc_frac") and m.soc_frac > 1:
         raise SpecError("soc_frac", "must lie in 0..1")
     sessions = []
@@ -208,9 +252,10 @@ def measurement_values(m: telemetry_pb2.Measurement) -> tuple[str, datetime, dic
             raise SpecError(f"{where}.departure", "must be after arrival")
         sessions.append({"session_id": s.session_id, "charger_id": s.charger_id, "arrival": arrival.isoformat(),
                          "departure": departure.isoformat(),
-                         "energy_kwh": _finite(s.energy_kwh, f"{where}.energy_kwh", True),
-                         "max_kw": _finite(s.max_kw, f"{where}.max_kw", True) if s.HasField("max_kw") else None,
-                         "delivered_kwh": _finite(s.delivered_kwh, f"{where}.delivered_kwh", True)})
+                         "energy_kwh": _finite(s.energy_kwh, f"{where}.energy_kwh", True, MAX_SESSION_KWH),
+                         "max_kw": (_finite(s.max_kw, f"{where}.max_kw", True, MAX_POWER_KW)
+                                    if s.HasField("max_kw") else None),
+                         "delivered_kwh": _finite(s.delivered_kwh, f"{where}.delivered_kwh", True, MAX_SESSION_KWH)})
     if sessions:
         values["ev_sessions"] = sessions
     return m.asset_id, when, values
@@ -229,7 +274,8 @@ def limit_values(request: grid_operator_pb2.SetLimitRequest, branch_names: dict[
     which = request.WhichOneof("value")
     if which is None:
         raise SpecError("limit_kw", "give limit_kw or limit_percent")
-    value = _finite(getattr(request, which), which, nonneg=True)
+    value = _finite(getattr(request, which), which, nonneg=True,
+                    bound=MAX_POWER_KW if which == "limit_kw" else MAX_LIMIT_PERCENT)
     if element.startswith("connection"):
         if which != "limit_kw":
             raise SpecError("limit_percent", "a connection limit is given in kW (limit_kw)")
@@ -250,7 +296,9 @@ def flex_values(request: grid_operator_pb2.SubmitFlexRequestRequest) -> dict:
     bounds = {}
     for name in ("max_import_kw", "min_import_kw", "price_cny_per_kwh"):
         if request.HasField(name):
-            bounds[name] = _finite(getattr(request, name), name, nonneg=name == "price_cny_per_kwh")
+            price = name == "price_cny_per_kwh"
+            bounds[name] = _finite(getattr(request, name), name, nonneg=price,
+                                   bound=MAX_PRICE_CNY_PER_KWH if price else MAX_POWER_KW)
     if "max_import_kw" not in bounds and "min_import_kw" not in bounds:
         raise SpecError("max_import_kw", "give max_import_kw, min_import_kw or both")
     if bounds.get("min_import_kw", -math.inf) > bounds.get("max_import_kw", math.inf):
@@ -345,7 +393,7 @@ class AssetRegistry(_Base, assets_pb2_grpc.AssetRegistryServicer):
             raise SpecError("external_id", "required")
         if request.kind not in KINDS:
             raise SpecError("kind", "required: one of " + ", ".join(common_pb2.AssetKind.Name(k) for k in KINDS))
-        spec = json_format.MessageToDict(request.spec)
+        spec = spec_values(request.spec)
         site.validate_asset(KINDS[request.kind], request.bus, spec)
         record, created = self.store.enroll_asset(principal.tenant, request.site_id, request.external_id,
                                                   KINDS[request.kind], request.bus, spec)
@@ -367,7 +415,7 @@ class AssetRegistry(_Base, assets_pb2_grpc.AssetRegistryServicer):
     @_rpc
     def UpdateAsset(self, request, context, principal):
         asset = self._own_asset(principal, request.asset_id, ("aggregator",))
-        spec = json_format.MessageToDict(request.spec)
+        spec = spec_values(request.spec)
         self._site(asset.site_id).validate_asset(asset.kind, asset.bus, spec)
         return _asset_message(self.store.update_asset(asset.asset_id, spec))
 
