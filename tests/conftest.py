@@ -60,6 +60,22 @@ def reference_park():
     return load_park(REFERENCE_PARK)
 
 
+def reference_park_with(**dispatch):
+    """The reference park with some ``[dispatch]`` settings overridden."""
+    import tomllib
+
+    raw = tomllib.loads(REFERENCE_PARK.read_text())
+    raw.setdefault("dispatch", {}).update(dispatch)
+    return parse_park(raw, base_dir=REFERENCE_PARK.parent)
+
+
+@pytest.fixture(scope="session")
+def reference_park_uniform():
+    """The reference park planned in 15-minute steps over the whole horizon (the exact LP
+    its coarse-horizon configuration approximates)."""
+    return reference_park_with(horizon_resolution=[])
+
+
 def day_index(n_steps=96, start="2025-01-15", tz="Asia/Shanghai"):
     return pd.date_range(pd.Timestamp(start, tz=tz), periods=n_steps, freq="15min")
 

@@ -64,6 +64,12 @@ class ConnectionSpec(_Section):
 class DispatchSettings(_Section):
     horizon_steps: int = Field(96, ge=4, le=2976)
     dt_h: float = Field(0.25, gt=0, le=1)
+    # Coarser planning steps further out, as [[until_h, step_h], ...]; empty: every step at dt_h.
+    horizon_resolution: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="[[until_h, step_h], ...]: plan in steps of step_h hours up to until_h hours ahead, "
+                    "e.g. [[2, 0.25], [6, 0.5], [24, 1.0]]; empty plans every base step",
+    )
     solver: Literal["HIGHS", "CLARABEL"] = "HIGHS"
     time_budget_s: float = Field(20.0, gt=0, le=3600)
     max_grid_iterations: int = Field(5, ge=1, le=20)
@@ -76,6 +82,19 @@ class DispatchSettings(_Section):
     comfort_penalty_cny_per_kwh_th: float = Field(100.0, ge=0, description="per kWh_th below the comfort band, per hour")
     reactive_power_cny_per_kvarh: float = Field(0.001, ge=0)
     flex_penalty_cny_per_kwh: float = Field(10.0, ge=0, description="default price of a flexibility request's deviation")
+
+    @model_validator(mode="after")
+    def _check_resolution(self):
+        last_until_h = 0.0
+        for k, (until_h, step_h) in enumerate(self.horizon_resolution):
+            where = f"dispatch.horizon_resolution[{k}]"
+            ratio = step_h / self.dt_h
+            if step_h <= 0 or abs(ratio - round(ratio)) > 1e-9:
+                raise ValueError(f"{where}: step_h {step_h:g} must be a positive multiple of dt_h {self.dt_h:g}")
+            if until_h <= last_until_h:
+                raise ValueError(f"{where}: until_h {until_h:g} must be greater than the previous block's")
+            last_until_h = until_h
+        return self
 
     @property
     def penalties(self) -> Penalties:

@@ -32,10 +32,105 @@ from pydantic import BaseModel, ConfigDict, Field
 
 @dataclass(frozen=True)
 class Horizon:
-    """The planning horizon: ``n_steps`` steps of ``dt_h`` hours each."""
+    """The planning horizon: ``n_steps`` planning steps over base steps of ``dt_h`` hours.
+
+    Inputs (forecasts, prices, limits) and plans handed out come at the base resolution.
+    The optimizer may plan the far part of the horizon in coarser steps: ``block_steps``
+    gives the number of base steps each planning step spans (None: one each, the uniform
+    horizon).  A planning step holds its power constant over its base steps, so its
+    energy terms are exact for that plan; forecasts are averaged over the block (exact
+    for prices, efficiencies and COPs, which multiply a constant power) and limits take
+    the block's tightest value.  See ``DispatchSettings.horizon_resolution``.
+    """
 
     n_steps: int = 96
     dt_h: float = 0.25
+    block_steps: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.block_steps is not None:
+            if len(self.block_steps) != self.n_steps or min(self.block_steps) < 1:
+                raise ValueError("block_steps needs one positive count per planning step")
+
+    @classmethod
+    def with_resolution(cls, n_base_steps: int, dt_h: float, resolution) -> "Horizon":
+        """A horizon of ``n_base_steps`` base steps planned at ``resolution``: pairs
+        ``(until_h, step_h)`` in increasing order, e.g. ``[(2, 0.25), (6, 0.5), (24, 1.0)]``
+        (15-minute steps for two hours, half hours to six, hours to the end).  The last
+        block is cut short where the horizon ends; None or empty gives the uniform horizon."""
+        if not resolution:
+            return cls(n_base_steps, dt_h)
+        blocks: list[int] = []
+        done = 0
+        for until_h, step_h in resolution:
+            per = int(round(step_h / dt_h))
+            until = min(int(round(until_h / dt_h)), n_base_steps)
+            while done < until:
+                blocks.append(min(per, until - done))
+                done += blocks[-1]
+        while done < n_base_steps:  # past the last block: keep its step
+            blocks.append(min(per, n_base_steps - done))
+            done += blocks[-1]
+        if all(b == 1 for b in blocks):
+            return cls(n_base_steps, dt_h)
+        return cls(len(blocks), dt_h, tuple(blocks))
+
+    @property
+    def n_base_steps(self) -> int:
+        return self.n_steps if self.block_steps is None else int(sum(self.block_steps))
+
+    @property
+    def uniform(self) -> bool:
+        return self.block_steps is None
+
+    @property
+    def step_h(self) -> np.ndarray:
+        """Length of each planning step [h], shape (n_steps,)."""
+        if self.block_steps is None:
+            return np.full(self.n_steps, self.dt_h)
+        return np.asarray(self.block_steps, float) * self.dt_h
+
+    @property
+    def block_start(self) -> np.ndarray:
+        """The base step each planning step starts at, shape (n_steps,)."""
+        if self.block_steps is None:
+            return np.arange(self.n_steps)
+        return np.concatenate([[0], np.cumsum(self.block_steps)[:-1]]).astype(int)
+
+    def per_step(self, values) -> np.ndarray:
+        """Per-asset values times each step's length: (n,) -> (n, n_steps) [value * h]."""
+        return np.asarray(values, dtype=float)[:, None] * self.step_h[None, :]
+
+    def coarsen(self, values, how: str = "mean") -> np.ndarray:
+        """Base-step values (..., n_base_steps) to planning steps (..., n_steps) by the
+        block ``mean``, ``min`` or ``max``."""
+        values = np.asarray(values, dtype=float)
+        if self.block_steps is None:
+            return values
+        if values.shape[-1] != self.n_base_steps:
+            return values  # the caller's shape check names the field
+        reduce = {"mean": np.add, "min": np.minimum, "max": np.maximum}[how]
+        out = reduce.reduceat(values, self.block_start, axis=-1)
+        return out / np.asarray(self.block_steps, float) if how == "mean" else out
+
+    def expand(self, values) -> np.ndarray:
+        """Planning-step values (..., n_steps) held over their base steps (..., n_base_steps)."""
+        values = np.asarray(values)
+        if self.block_steps is None:
+            return values
+        return np.repeat(values, self.block_steps, axis=-1)
+
+    def carry(self, values, shift_base_steps: int | None, fill: float) -> np.ndarray:
+        """Move a (..., n_steps) array of last cycle's planning steps onto this cycle's,
+        the new horizon starting ``shift_base_steps`` base steps later: each planning step
+        takes the value of the old step covering its start, the last one past the end;
+        ``fill`` everywhere when the shift is None (no usable last cycle)."""
+        values = np.asarray(values, float)
+        if shift_base_steps is None:
+            return np.full_like(values, fill)
+        old = self.block_start
+        source = np.searchsorted(old, self.block_start + shift_base_steps, side="right") - 1
+        return values[..., np.clip(source, 0, self.n_steps - 1)]
 
 
 class AssetSpec(BaseModel):

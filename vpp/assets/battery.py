@@ -85,26 +85,26 @@ class StorageArrays:
 
     def build(self, horizon: Horizon, prefix: str):
         """Variables, parameters and constraints of ``n`` batteries over the horizon."""
-        n, T, dt = self.n, horizon.n_steps, horizon.dt_h
+        n, T = self.n, horizon.n_steps
         self.p_ch = cp.Variable((n, T), nonneg=True, name=f"{prefix}_p_ch_kw")
         self.p_dis = cp.Variable((n, T), nonneg=True, name=f"{prefix}_p_dis_kw")
         self.e = cp.Variable((n, T + 1), name=f"{prefix}_e_kwh")
         self.e0 = cp.Parameter(n, name=f"{prefix}_e0_kwh", value=np.zeros(n))
         self.e_end = cp.Parameter(n, name=f"{prefix}_e_end_kwh", value=np.zeros(n))
-        keep = steps_array(1.0 - self.sd_per_h * dt, T)
+        keep = 1.0 - horizon.per_step(self.sd_per_h)
         constraints = [
             self.e[:, 0] == self.e0,
             self.e[:, 1:]
             == cp.multiply(keep, self.e[:, :-1])
-            + cp.multiply(steps_array(self.eta_ch * dt, T), self.p_ch)
-            - cp.multiply(steps_array(dt / self.eta_dis, T), self.p_dis),
+            + cp.multiply(horizon.per_step(self.eta_ch), self.p_ch)
+            - cp.multiply(horizon.per_step(1.0 / self.eta_dis), self.p_dis),
             self.e[:, 1:] >= steps_array(self.e_min_kwh, T),
             self.e[:, 1:] <= steps_array(self.e_max_kwh, T),
             self.p_ch <= steps_array(self.p_ch_max_kw, T),
             self.p_dis <= steps_array(self.p_dis_max_kw, T),
             self.e[:, T] >= self.e_end,
         ]
-        degradation = cp.sum(cp.multiply(steps_array(self.deg_cny_per_kwh * dt, T), self.p_ch + self.p_dis))
+        degradation = cp.sum(cp.multiply(horizon.per_step(self.deg_cny_per_kwh), self.p_ch + self.p_dis))
         return self.p_dis - self.p_ch, constraints, degradation
 
     def update(self, e_kwh: np.ndarray, name: str) -> None:

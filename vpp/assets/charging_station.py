@@ -108,8 +108,8 @@ class ChargingStationFleet(Fleet):
     # --- dispatch problem ---------------------------------------------------------------------
 
     def build(self, horizon: Horizon) -> Contribution:
-        n, T, dt = self.n, horizon.n_steps, horizon.dt_h
-        self._dt_h = dt
+        n, T = self.n, horizon.n_steps
+        self.horizon = horizon
         self.pv_avail = nonneg_param((self.pv_owner.size, T), "station_pv_avail_kw")
         self.pv_p = cp.Variable((self.pv_owner.size, T), nonneg=True, name="station_pv_p_kw")
         self.charger_ub = nonneg_param((self.n_chargers, T), "station_charger_ub_kw")
@@ -125,7 +125,7 @@ class ChargingStationFleet(Fleet):
         constraints = [
             self.pv_p <= self.pv_avail,
             self.charger_p <= self.charger_ub,
-            cp.multiply(self.slot_eff * dt, cp.sum(self.slot_p, axis=1)) + self.ev_unmet >= self.ev_req,
+            cp.multiply(self.slot_eff, self.slot_p @ horizon.step_h) + self.ev_unmet >= self.ev_req,
         ]
         self.ev_total = self._owner_matrix(self.charger_station) @ self.charger_p
         p = -self.ev_total
@@ -187,16 +187,20 @@ class ChargingStationFleet(Fleet):
         return ub, req, names
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        T = self.charger_ub.shape[1]
+        horizon = self.horizon
         index = forecast["index"]
-        dt_h = (index[1] - index[0]).total_seconds() / 3600.0 if len(index) > 1 else 0.25
-        ub, req, names = self._slot_bounds(self._remaining(forecast.get("sessions"), state), index, dt_h)
+        ub, req, names = self._slot_bounds(self._remaining(forecast.get("sessions"), state), index, horizon.dt_h)
+        # Per planning step: a session's mean available power over the step's base steps, and
+        # its share of its charger's energy there (a charger's sessions never overlap, but a
+        # coarse step can hold the end of one and the start of the next).
+        ub = horizon.coarsen(ub)
         charger_ub = np.zeros((self.n_chargers, ub.shape[1]))
-        np.add.at(charger_ub, self.slot_ch, ub)  # a charger's sessions never overlap
-        self.charger_ub.value, self.slot_mask.value = charger_ub, (ub > 0).astype(float)
+        np.add.at(charger_ub, self.slot_ch, ub)
+        share = np.divide(ub, charger_ub[self.slot_ch], out=np.zeros_like(ub), where=charger_ub[self.slot_ch] > 0)
+        self.charger_ub.value, self.slot_mask.value = charger_ub, share
         self.ev_req.value, self.slot_sessions = req, names
-        self.pv_avail.value = np.clip(require_shape("charging_station.pv_avail_kw", forecast["pv_avail_kw"],
-                                                    (self.pv_owner.size, T)), 0, None)
+        self.pv_avail.value = np.clip(horizon.coarsen(require_shape(
+            "charging_station.pv_avail_kw", forecast["pv_avail_kw"], (self.pv_owner.size, horizon.n_base_steps))), 0, None)
         if self.bat_owner.size:
             self.storage.update(state["e_kwh"], "charging_station.e_kwh")
         self.unmet_price.value = penalties.ev_unmet_cny_per_kwh
@@ -243,7 +247,7 @@ class ChargingStationFleet(Fleet):
             rows.append({
                 "station_id": self.ids[self.slot_station[k]], "charger_id": self.slot_charger[k], "session_id": sid,
                 "requested_kwh": float(self.ev_req.value[k]),
-                "planned_kwh": float(self.slot_p.value[k].sum() * self._dt_h * self.slot_eff[k]),
+                "planned_kwh": float(self.slot_p.value[k] @ self.horizon.step_h * self.slot_eff[k]),
                 "unmet_kwh": float(max(self.ev_unmet.value[k], 0.0)),
             })
         return pd.DataFrame(rows, columns=["station_id", "charger_id", "session_id", "requested_kwh", "planned_kwh",

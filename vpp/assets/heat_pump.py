@@ -86,7 +86,9 @@ class HeatPumpFleet(Fleet):
         return {"e_th_kwh": self.column("soc_initial_frac") * self.cap_kwh}
 
     def build(self, horizon: Horizon) -> Contribution:
-        n, T, dt = self.n, horizon.n_steps, horizon.dt_h
+        n, T = self.n, horizon.n_steps
+        self.horizon = horizon
+        dt = np.broadcast_to(horizon.step_h, (n, T))
         self.cop_param = nonneg_param((n, T), "hp_cop")
         self.heat_demand = nonneg_param((n, T), "hp_heat_demand_kw_th")
         self.e0 = cp.Parameter(n, name="hp_e0_kwh_th", value=np.zeros(n))
@@ -96,23 +98,26 @@ class HeatPumpFleet(Fleet):
         self.e = cp.Variable((n, T + 1), name="hp_e_th_kwh")
         self.shortfall = cp.Variable((n, T), nonneg=True, name="hp_shortfall_kwh_th")
         self.end_shortfall = cp.Variable(n, nonneg=True, name="hp_end_shortfall_kwh_th")
-        keep = steps_array(1.0 - self.loss_per_h * dt, T)
+        keep = 1.0 - horizon.per_step(self.loss_per_h)
         constraints = [
             self.p_el >= steps_array(self.p_min_kw, T),
             self.p_el <= steps_array(self.p_max_kw, T),
             self.e[:, 0] == self.e0,
-            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + (cp.multiply(self.cop_param, self.p_el) - self.heat_demand) * dt,
+            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + cp.multiply(dt, cp.multiply(self.cop_param, self.p_el) - self.heat_demand),
             self.e[:, 1:] <= steps_array(self.cap_kwh, T),
             self.e[:, 1:] + self.shortfall >= 0,
             self.e[:, T] + self.end_shortfall >= self.e_end,
         ]
-        comfort = self.comfort_price * (cp.sum(self.shortfall) * dt + cp.sum(self.end_shortfall))
+        comfort = self.comfort_price * (cp.sum(cp.multiply(dt, self.shortfall)) + cp.sum(self.end_shortfall))
         return Contribution(p_kw=-self.p_el, constraints=constraints, costs_cny={"comfort_violation": comfort})
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        shape = self.cop_param.shape
-        self.cop_param.value = require_shape("heat_pump.cop", forecast["cop"], shape)
-        self.heat_demand.value = np.clip(require_shape("heat_pump.heat_kw_th", forecast["heat_kw_th"], shape), 0, None)
+        # A block's mean COP is exact for a power held constant over it.
+        base = (self.n, self.horizon.n_base_steps)
+        cop = require_shape("heat_pump.cop", forecast["cop"], base)
+        heat = require_shape("heat_pump.heat_kw_th", forecast["heat_kw_th"], base)
+        self.cop_param.value = self.horizon.coarsen(cop)
+        self.heat_demand.value = np.clip(self.horizon.coarsen(heat), 0, None)
         e0 = np.minimum(require_shape("heat_pump.e_th_kwh", state["e_th_kwh"], (self.n,)), self.cap_kwh)
         self.e0.value = e0
         end = [s.soc_end_target_frac for s in self.specs]

@@ -37,16 +37,17 @@ class LoadFleet(Fleet):
         return {}
 
     def build(self, horizon: Horizon) -> Contribution:
+        self.horizon = horizon
         self.demand = nonneg_param((self.n, horizon.n_steps), "load_demand_kw")
         p = -self.demand
         q = -cp.multiply(np.repeat(self.tan_phi[:, None], horizon.n_steps, axis=1), self.demand)
         return Contribution(p_kw=p, q_kvar=q)
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        demand = require_shape("load.demand_kw", forecast["demand_kw"], self.demand.shape)
+        demand = require_shape("load.demand_kw", forecast["demand_kw"], (self.n, self.horizon.n_base_steps))
         if np.any(demand < 0):
             raise SpecError("load.demand_kw", "consumption magnitudes must be >= 0")
-        self.demand.value = demand
+        self.demand.value = self.horizon.coarsen(demand)
 
     def fallback_kw(self, state, forecast, horizon: Horizon) -> np.ndarray:
         return -np.asarray(forecast["demand_kw"], float)

@@ -120,6 +120,7 @@ class PVFleet(Fleet):
 
     def build(self, horizon: Horizon) -> Contribution:
         n, T = self.n, horizon.n_steps
+        self.horizon = horizon
         self.avail = nonneg_param((n, T), "pv_avail_kw")
         self.q_price = cp.Parameter(nonneg=True, name="pv_q_price", value=0.0)
         self.p = cp.Variable((n, T), nonneg=True, name="pv_p_kw")
@@ -131,11 +132,12 @@ class PVFleet(Fleet):
         for angle in _FACET_ANGLES_RAD:
             constraints.append(np.cos(angle) * self.p + np.sin(angle) * self.q_abs <= _FACET_RHS_FRAC * s)
         # A small price on reactive power keeps q at zero unless the grid needs it.
-        q_cost = self.q_price * cp.sum(self.q_abs) * horizon.dt_h
+        q_cost = self.q_price * cp.sum(self.q_abs @ horizon.step_h)
         return Contribution(p_kw=self.p, q_kvar=self.q, constraints=constraints, costs_cny={"reactive_power": q_cost})
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        avail = require_shape("pv.avail_kw", forecast["avail_kw"], self.avail.shape)
+        avail = self.horizon.coarsen(require_shape("pv.avail_kw", forecast["avail_kw"],
+                                                   (self.n, self.horizon.n_base_steps)))
         self.avail.value = np.clip(avail, 0.0, steps_array(self.s_kva, avail.shape[1]))
         self.q_price.value = penalties.reactive_cny_per_kvarh
 

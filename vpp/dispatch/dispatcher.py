@@ -17,6 +17,7 @@ import cvxpy as cp
 import numpy as np
 import pandas as pd
 
+from vpp.assets import Horizon
 from vpp.dispatch.problem import DispatchProblem, HorizonInputs
 from vpp.dispatch.result import DispatchResult, count_violations
 
@@ -72,7 +73,9 @@ class Dispatcher:
             # which is closer to any plan than an empty network.
             t0 = time.perf_counter()
             p_kw, q_kvar = self._fallback_injections(inputs, state)
-            P, Q = problem.bus_injections(p_kw, q_kvar)
+            hz = problem.horizon
+            P, Q = problem.bus_injections({k: hz.coarsen(v) for k, v in p_kw.items()},
+                                          {k: hz.coarsen(v) for k, v in q_kvar.items()})
             problem.correct(self.park.grid.run_ac(P, Q), P, Q, tighten=False)
             ac_s += time.perf_counter() - t0
         result = None
@@ -100,7 +103,7 @@ class Dispatcher:
                 break
             p_kw, q_kvar = problem.injections()
             t0 = time.perf_counter()
-            ac, violations = self._check(p_kw, q_kvar, inputs)
+            ac, violations = self._check(p_kw, q_kvar)
             ac_s += time.perf_counter() - t0
             strict = violations if self.strict_steps is None else violations[:self.strict_steps]
             if strict.sum() == 0 or iteration == settings.max_grid_iterations:
@@ -150,7 +153,7 @@ class Dispatcher:
                 log.warning("least-excess plan failed too: %s", failure_elastic)
                 return None
             p_kw, q_kvar = elastic.injections()
-            ac, violations = self._check(p_kw, q_kvar, inputs)
+            ac, violations = self._check(p_kw, q_kvar)
             excess_kw = float(np.max(elastic.excess_kw.value, initial=0.0))
             excess_pu = float(np.max(elastic.excess_pu.value, initial=0.0))
             reason = (f"{failure}; published the plan that exceeds the grid limits least "
@@ -211,14 +214,23 @@ class Dispatcher:
             return f"solver {solver} hit its time limit of {time_limit_s:.1f} s", False
         return f"solver {solver} ended with status {status}", True
 
-    def _check(self, p_kw, q_kvar, inputs: HorizonInputs):
+    def _check(self, p_kw, q_kvar, inputs: HorizonInputs | None = None):
+        """AC check of a plan: at the problem's planning steps against its (block-tightest)
+        limits, or, given ``inputs``, of a base-resolution plan against theirs."""
         grid, problem = self.park.grid, self.problem
         P, Q = problem.bus_injections(p_kw, q_kvar)
         ac = grid.run_ac(P, Q)
-        v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
-        v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
-        violations = count_violations(ac, v_min, v_max, problem.branch_limit_percent, inputs.import_limit_kw,
-                                      inputs.export_limit_kw)
+        if inputs is None:
+            branch, imp, exp = problem.branch_limit_percent, problem.import_limit_kw, problem.export_limit_kw
+            bands = (problem.v_band_min_pu, problem.v_band_max_pu)
+        else:
+            T = len(inputs.index)
+            branch = (np.repeat(grid.branch_limit_percent[:, None], T, axis=1) if inputs.branch_limit_percent is None
+                      else np.asarray(inputs.branch_limit_percent, float))
+            imp, exp = inputs.import_limit_kw, inputs.export_limit_kw
+            bands = (grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float),
+                     grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float))
+        violations = count_violations(ac, bands[0], bands[1], branch, imp, exp)
         return ac, violations
 
     def _grid_table(self, index, ac, violations) -> pd.DataFrame:
@@ -236,7 +248,9 @@ class Dispatcher:
         return pd.DataFrame(np.vstack(blocks).T, index=index, columns=columns)
 
     def _plan(self, inputs, p_kw, q_kvar, ac, violations, reason, iterations) -> DispatchResult:
-        index = inputs.index
+        """The solved plan as tables at the base resolution (a coarse planning step's
+        values held over its base steps)."""
+        index, hz = inputs.index, self.problem.horizon
         details: dict[str, dict[str, np.ndarray]] = {}
         sessions = pd.DataFrame()
         for kind, fleet in self.problem.fleets.items():
@@ -244,18 +258,21 @@ class Dispatcher:
                 details.setdefault(name, {})[kind] = values
             if hasattr(fleet, "session_report"):
                 sessions = fleet.session_report()
-        dt_h = self.problem.horizon.dt_h
-        co2_t = float(np.sum(np.clip(ac.p_slack_kw, 0, None) * inputs.carbon_kg_per_kwh) * dt_h / 1000.0)
+        co2_t = float(np.sum(np.clip(ac.p_slack_kw, 0, None) * self.problem.carbon_kg_per_kwh * hz.step_h) / 1000.0)
+        expand = {k: hz.expand(v) for k, v in p_kw.items()}, {k: hz.expand(v) for k, v in q_kvar.items()}
+        grid = self._grid_table(self.problem.index, ac, violations)
+        if not hz.uniform:
+            grid = grid.iloc[np.repeat(np.arange(hz.n_steps), hz.block_steps)].set_axis(index)
         return DispatchResult(
-            status="optimal", reason=reason, p_kw=self._frames(index, p_kw), q_kvar=self._frames(index, q_kvar),
-            costs_cny=self.problem.cost_breakdown(), grid=self._grid_table(index, ac, violations),
-            details={name: self._frames(index, d) for name, d in details.items()}, ev_sessions=sessions,
-            grid_iterations=iterations, co2_t=co2_t,
+            status="optimal", reason=reason, p_kw=self._frames(index, expand[0]), q_kvar=self._frames(index, expand[1]),
+            costs_cny=self.problem.cost_breakdown(), grid=grid,
+            details={name: self._frames(index, {k: hz.expand(v) for k, v in d.items()}) for name, d in details.items()},
+            ev_sessions=sessions, grid_iterations=iterations, co2_t=co2_t,
         )
 
     def _fallback_injections(self, inputs: HorizonInputs, state):
         """Each asset's fallback setpoints over the horizon, with the loads' reactive power."""
-        horizon = self.problem.horizon
+        horizon = Horizon(len(inputs.index), self.problem.horizon.dt_h)
         p_kw = {k: f.fallback_kw(state[k], inputs.forecasts.get(k, {}), horizon) for k, f in self.park.fleets.items()}
         q_kvar = {k: np.zeros_like(v) for k, v in p_kw.items()}
         if "load" in self.park.fleets:

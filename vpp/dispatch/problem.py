@@ -133,8 +133,8 @@ class DispatchProblem:
         self.park = park
         self.elastic = elastic
         s = park.settings
-        self.horizon = Horizon(s.horizon_steps, s.dt_h)
-        T, dt = self.horizon.n_steps, self.horizon.dt_h
+        self.horizon = Horizon.with_resolution(s.horizon_steps, s.dt_h, s.horizon_resolution)
+        T, step_h = self.horizon.n_steps, self.horizon.step_h
         grid = park.grid
         # Building binds cvxpy objects to a fleet (and to its storage arrays), so each problem
         # builds on deep copies: two problems of one park must not share parameters.
@@ -237,19 +237,20 @@ class DispatchProblem:
             room = 0.0 if not elastic else np.ones((n_b, 1)) @ cp.reshape(excess_kw, (1, T), order="C")
             constraints += self._branch_capability(pflow, qflow, p["flow_cap"], p["flow_on"], room)
         self.costs = {
-            "energy": cp.sum(cp.multiply(p["buy"], self.imp) - cp.multiply(p["sell"], self.exp)) * dt,
+            "energy": cp.sum(cp.multiply(cp.multiply(step_h, p["buy"]), self.imp)
+                             - cp.multiply(cp.multiply(step_h, p["sell"]), self.exp)),
             # Only the rise above this month's peak so far costs anything.
             "demand_charge": p["demand_rate"] * self.peak - p["demand_paid"],
-            "carbon": cp.sum(cp.multiply(p["carbon_cost"], self.imp)) * dt,
+            "carbon": cp.sum(cp.multiply(cp.multiply(step_h, p["carbon_cost"]), self.imp)),
             **costs,
-            "flex_deviation": cp.sum(cp.multiply(p["flex_price"], self.flex_dev)) * dt,
+            "flex_deviation": cp.sum(cp.multiply(cp.multiply(step_h, p["flex_price"]), self.flex_dev)),
         }
         if elastic:
             # The worst step's excess weighs most (an overload's height is what trips a
             # protection), then the excess energy over the horizon.
             self.costs["limit_excess"] = (_EXCESS_CNY_PER_KW_PEAK * cp.max(self.excess_kw)
-                                          + _EXCESS_CNY_PER_KWH * cp.sum(self.excess_kw) * dt
-                                          + _EXCESS_CNY_PER_PU_H * cp.sum(self.excess_pu) * dt)
+                                          + _EXCESS_CNY_PER_KWH * (self.excess_kw @ step_h)
+                                          + _EXCESS_CNY_PER_PU_H * (self.excess_pu @ step_h))
         self.problem = cp.Problem(cp.Minimize(cp.sum(list(self.costs.values()))), constraints)
         if not self.problem.is_dpp():
             bad = [str(c)[:80] for c in constraints if not c.is_dcp(dpp=True)]
@@ -281,19 +282,27 @@ class DispatchProblem:
     # --- each cycle ------------------------------------------------------------------------------
 
     def update(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> None:
-        """Set every parameter for this cycle and reset the grid corrections."""
-        T = self.horizon.n_steps
-        if len(inputs.index) != T:
-            raise SpecError("inputs.index", f"expected {T} steps, got {len(inputs.index)}")
+        """Set every parameter for this cycle and reset the grid corrections.
+
+        ``inputs`` come at the base resolution; a coarse horizon averages prices and
+        carbon over each planning step and takes the tightest limit within it."""
+        hz = self.horizon
+        T, n_base = hz.n_steps, hz.n_base_steps
+        if len(inputs.index) != n_base:
+            raise SpecError("inputs.index", f"expected {n_base} steps, got {len(inputs.index)}")
         park, p = self.park, self.p
         for kind, fleet in self.fleets.items():
             fleet.update(state[kind], inputs.forecasts.get(kind, {}), park.settings.penalties)
-        p["buy"].value = _finite("inputs.buy_price_cny_per_kwh", inputs.buy_price_cny_per_kwh, T)
-        p["sell"].value = _finite("inputs.sell_price_cny_per_kwh", inputs.sell_price_cny_per_kwh, T)
-        carbon = _finite("inputs.carbon_kg_per_kwh", inputs.carbon_kg_per_kwh, T)
-        p["carbon_cost"].value = np.clip(carbon, 0, None) * park.carbon.price_cny_per_t / 1000.0
-        p["import_limit"].value = np.clip(_finite("inputs.import_limit_kw", inputs.import_limit_kw, T), 0, None)
-        p["export_limit"].value = np.clip(_finite("inputs.export_limit_kw", inputs.export_limit_kw, T), 0, None)
+        self.index = inputs.index[hz.block_start]
+        p["buy"].value = hz.coarsen(_finite("inputs.buy_price_cny_per_kwh", inputs.buy_price_cny_per_kwh, n_base))
+        p["sell"].value = hz.coarsen(_finite("inputs.sell_price_cny_per_kwh", inputs.sell_price_cny_per_kwh, n_base))
+        self.carbon_kg_per_kwh = hz.coarsen(_finite("inputs.carbon_kg_per_kwh", inputs.carbon_kg_per_kwh, n_base))
+        p["carbon_cost"].value = np.clip(self.carbon_kg_per_kwh, 0, None) * park.carbon.price_cny_per_t / 1000.0
+        self.import_limit_kw = np.clip(hz.coarsen(_finite("inputs.import_limit_kw", inputs.import_limit_kw, n_base),
+                                                  "min"), 0, None)
+        self.export_limit_kw = np.clip(hz.coarsen(_finite("inputs.export_limit_kw", inputs.export_limit_kw, n_base),
+                                                  "min"), 0, None)
+        p["import_limit"].value, p["export_limit"].value = self.import_limit_kw, self.export_limit_kw
         p["peak_so_far"].value = max(float(inputs.peak_import_so_far_kw), 0.0)
         p["demand_rate"].value = park.tariff.demand_charge_cny_per_kw_month
         p["demand_paid"].value = p["demand_rate"].value * p["peak_so_far"].value
@@ -303,42 +312,44 @@ class DispatchProblem:
         grid = park.grid
         v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
         v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
+        self.v_band_min_pu, self.v_band_max_pu = v_min, v_max
         w = self.watched_buses
         self.v_min_pu = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
         self.v_max_pu = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
         # A receding horizon keeps the last cycle's grid corrections, shifted, as its first guess.
-        p["vm_corr"].value = _shifted(p["vm_corr"].value, shift, 0.0)
-        p["losses"].value = _shifted(p["losses"].value, shift, 0.0)
-        self.branch_limit_percent = (np.repeat(grid.branch_limit_percent[:, None], T, axis=1)
-                                     if inputs.branch_limit_percent is None
-                                     else _finite("inputs.branch_limit_percent", inputs.branch_limit_percent, None))
-        if self.branch_limit_percent.shape != (grid.n_branches, T):
-            raise SpecError("inputs.branch_limit_percent", f"expected shape {(grid.n_branches, T)}")
+        p["vm_corr"].value = hz.carry(p["vm_corr"].value, shift, 0.0)
+        p["losses"].value = hz.carry(p["losses"].value, shift, 0.0)
+        branch_limit = (np.repeat(grid.branch_limit_percent[:, None], n_base, axis=1)
+                        if inputs.branch_limit_percent is None
+                        else _finite("inputs.branch_limit_percent", inputs.branch_limit_percent, None))
+        if branch_limit.shape != (grid.n_branches, n_base):
+            raise SpecError("inputs.branch_limit_percent", f"expected shape {(grid.n_branches, n_base)}")
+        self.branch_limit_percent = hz.coarsen(branch_limit, "min")
         fresh = np.full((self.group_rep.size, T), _INITIAL_FLOW_SCALE)
-        self.flow_scale = fresh if shift is None else np.minimum(_shifted(self.flow_scale, shift, _INITIAL_FLOW_SCALE), fresh)
+        self.flow_scale = fresh if shift is None else np.minimum(hz.carry(self.flow_scale, shift, _INITIAL_FLOW_SCALE), fresh)
         self.warm = shift is not None
         lazy = park.settings.lazy_grid_rows
         lazy = lazy and not self.elastic
-        self.active_flow = (_shifted(self.active_flow, shift, 0.0) > 0.5 if lazy
+        self.active_flow = (hz.carry(self.active_flow, shift, 0.0) > 0.5 if lazy
                             else np.ones((self.group_rep.size, T), bool))
-        self.active_vm = (_shifted(self.active_vm, shift, 0.0) > 0.5 if lazy
+        self.active_vm = (hz.carry(self.active_vm, shift, 0.0) > 0.5 if lazy
                           else np.ones((self.watched_buses.size, T), bool))
         self.lazy_rounds = 0
         self._set_flow_cap()
         self._set_voltage_band()
 
     def _steps_since_last(self, index: pd.DatetimeIndex) -> int | None:
-        """Steps between the last cycle's start and this one's, or None to start afresh."""
+        """Base steps between the last cycle's start and this one's, or None to start afresh."""
         last = getattr(self, "_last_start", None)
         if last is None:
             return None
         steps = (index[0] - last) / pd.Timedelta(hours=self.horizon.dt_h)
-        if steps != int(steps) or not 0 <= steps < self.horizon.n_steps:
+        if steps != int(steps) or not 0 <= steps < self.horizon.n_base_steps:
             return None
         return int(steps)
 
     def _set_flex(self, inputs: HorizonInputs) -> None:
-        T = self.horizon.n_steps
+        T = self.horizon.n_base_steps
         fmax, fmin, price = np.full(T, _BIG_KW), np.full(T, -_BIG_KW), np.zeros(T)
         starts = inputs.index
         for r in inputs.flex_requests:
@@ -349,7 +360,10 @@ class DispatchProblem:
                 fmin[in_window] = np.maximum(fmin[in_window], r.min_import_kw)
             rate = self.park.settings.flex_penalty_cny_per_kwh if r.price_cny_per_kwh is None else r.price_cny_per_kwh
             price[in_window] = np.maximum(price[in_window], rate)
-        self.p["flex_max"].value, self.p["flex_min"].value, self.p["flex_price"].value = fmax, fmin, price
+        hz = self.horizon
+        self.p["flex_max"].value = hz.coarsen(fmax, "min")
+        self.p["flex_min"].value = hz.coarsen(fmin, "max")
+        self.p["flex_price"].value = hz.coarsen(price)
 
     def _bus_power_ranges(self):
         """Per bus: the least and greatest active power and greatest |reactive| power the
@@ -538,20 +552,6 @@ def _widen(mask: np.ndarray, steps: int) -> np.ndarray:
     for k in range(1, steps + 1):
         out[:, k:] |= mask[:, :-k]
         out[:, :-k] |= mask[:, k:]
-    return out
-
-
-def _shifted(values: np.ndarray, steps: int | None, fill: float) -> np.ndarray:
-    """Move a (..., n_steps) array ``steps`` steps earlier, repeating its last column; reset
-    to ``fill`` when ``steps`` is None."""
-    values = np.asarray(values, float)
-    if steps is None:
-        return np.full_like(values, fill)
-    if steps == 0:
-        return values.copy()
-    out = np.empty_like(values)
-    out[..., :-steps] = values[..., steps:]
-    out[..., -steps:] = values[..., -1:]
     return out
 
 
