@@ -99,9 +99,9 @@ class Service:
         self._metrics_server = None
 
     def start(self, run_loop: bool = True, max_cycles: int | None = None) -> "Service":
-        from vpp.service.api import add_services
+        from vpp.service.api import SERVER_THREADS, add_services
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
                                   options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
         names = add_services(self.server, self)
         health_servicer = health.HealthServicer()
