@@ -416,6 +416,40 @@ def test_operator_tokens_do_not_enroll_change_or_report(world):
         assert status_of(lambda: call(world["channel"], path, requests[path], metadata)) == DENIED, path
 
 
+# --- hostile inputs -----------------------------------------------------------------------------
+
+
+def test_far_dated_inputs_are_refused_and_cannot_stop_the_dispatch(world):
+    """One EV session dated in 9999 (a device can send it) used to be stored and to fail
+    every later cycle of the site; limits and flexibility windows likewise."""
+    service, channel = world["service"], world["channel"]
+    station = next(a for a in service.store.iter_assets(tenant="demo") if a.kind == "charging_station")
+    _, station_token = service.store.issue_token("demo", "device", asset_id=station.asset_id)
+    m = _measurement(station.asset_id)
+    session = m.ev_sessions.add(session_id="s1", charger_id=station.spec["chargers"][0]["id"], energy_kwh=10.0)
+    session.arrival.CopyFrom(timestamp(START))
+    session.departure.seconds = 253402300799  # 9999-12-31, a valid protobuf Timestamp
+    far = common_pb2.TimeWindow(start=timestamp(START))
+    far.end.seconds = 253402300799
+    hostile = [
+        ("/vpp.v1.Telemetry/ReportTelemetry", m, station_token),
+        ("/vpp.v1.GridOperator/SetLimit", grid_operator_pb2.SetLimitRequest(
+            site_id="changping", element=grid_operator_pb2.GRID_ELEMENT_CONNECTION_IMPORT, limit_kw=300.0, window=far),
+         world["operator"]),
+        ("/vpp.v1.GridOperator/SubmitFlexRequest", grid_operator_pb2.SubmitFlexRequestRequest(
+            site_id="changping", max_import_kw=100.0, window=far), world["operator"]),
+    ]
+    before = snapshot(service)
+    for path, request, token in hostile:
+        with pytest.raises(grpc.RpcError) as error:
+            call(channel, path, request, bearer(token))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+        assert "must lie in [1970-01-01, 2200-01-01)" in error.value.details()
+    assert snapshot(service) == before
+    outcome = service.engine.run_cycle(datetime(2025, 1, 15, 4, 0, tzinfo=timezone.utc))[0]
+    assert outcome.status in ("optimal", "fallback") and outcome.setpoints
+
+
 # --- TLS -----------------------------------------------------------------------------------------
 
 

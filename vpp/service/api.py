@@ -413,7 +413,7 @@ class AssetRegistry(_Base, assets_pb2_grpc.AssetRegistryServicer):
         record, created = self.store.enroll_asset(principal.tenant, request.site_id, request.external_id,
                                                   KINDS[request.kind], request.bus, spec)
         if created:
-            self.service.refresh_asset_metrics()
+            self.service.metrics.asset_enrolled(record.kind)
         return _asset_message(record)
 
     @_rpc
@@ -438,7 +438,8 @@ class AssetRegistry(_Base, assets_pb2_grpc.AssetRegistryServicer):
     def DecommissionAsset(self, request, context, principal):
         asset = self._own_asset(principal, request.asset_id, ("aggregator",))
         record = self.store.decommission_asset(asset.asset_id)
-        self.service.refresh_asset_metrics()
+        if asset.state == "active":
+            self.service.metrics.asset_decommissioned(record.kind)
         return _asset_message(record)
 
 
