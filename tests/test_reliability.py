@@ -360,6 +360,8 @@ def test_a_full_disk_answers_unavailable_keeps_reads_and_recovers(tmp_path):
             assert agg.setpoint(a.asset_id) == before_setpoint
             assert op.plan("changping").status == common_pb2.CYCLE_OUTCOME_OPTIMAL
             assert len(_history(s.store, a.asset_id)) == 1 + acked
+            print(f"disk full: {len(enrolled)} enrollments and {acked} measurements acknowledged into the last "
+                  f"free space, then UNAVAILABLE; stored before and kept: {len(before_assets)} assets")
 
             cap["pages"] = None  # room again
             s.store.engine.dispose()
@@ -525,9 +527,48 @@ def test_kill_9_in_the_middle_of_a_cycle_serves_no_half_written_plan(tmp_path, r
             status = op.cycles("changping", 10)
             assert len(status) >= 2 and status[0].outcome == common_pb2.CYCLE_OUTCOME_OPTIMAL
             assert reads >= 2
+            print(f"killed in {point} on {backend}: {reads} whole-plan reads after the restart, none half-written")
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         proc.stdout.close()
     after = _stored_cycles(url)
     assert len(after) >= 2 and _complete(after), after
+
+
+def test_read_only_storage_recovers_once_writable_and_the_loop_goes_on(tmp_path):
+    """tests/test_service.py checks UNAVAILABLE and reads under a read-only database; here
+    the dispatch loop during it, and everything after it."""
+    s = make_service(tmp_path)
+    read_only = {"on": False}
+
+    @event.listens_for(s.store.engine, "connect")
+    def _read_only(connection, _record):
+        if read_only["on"]:
+            connection.execute("PRAGMA query_only=ON")
+
+    try:
+        t = tokens(s)
+        with Client(f"127.0.0.1:{s.port}", t["aggregator"]) as agg:
+            a = agg.enroll("changping", "bess-ro-before", "battery", bus_of(s), BATTERY)
+            when = datetime(2025, 1, 15, 2, 0, tzinfo=UTC)
+            assert s.engine.run_cycle(when)[0].status == "optimal"
+            before = agg.setpoint(a.asset_id)
+            read_only["on"] = True
+            s.store.engine.dispose()
+            code, _ = code_of(lambda: agg.report(a.asset_id, START, 1.0, soc_frac=0.5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            failed = s.metrics.cycles.labels("changping", "failed")
+            before_failed = failed._value.get()
+            assert s.engine.run_cycle(when + timedelta(minutes=15))[0].status == "failed"
+            assert failed._value.get() == before_failed + 1
+            assert agg.setpoint(a.asset_id) == before  # the last stored setpoint is still served
+            read_only["on"] = False
+            s.store.engine.dispose()
+            agg.report(a.asset_id, START, 1.0, soc_frac=0.5)
+            b = agg.enroll("changping", "bess-ro-after", "battery", bus_of(s), BATTERY)
+            outcome = s.engine.run_cycle(when + timedelta(minutes=30))[0]
+            assert outcome.status == "optimal" and b.asset_id in {x.asset_id for x in outcome.setpoints}
+            assert len(s.store.last_cycles("changping", 10)) == 2  # the failed cycle could not be stored
+    finally:
+        s.stop()
