@@ -92,7 +92,8 @@ class OptimizerController:
         self.plan = None
         self.plan_step = 0
         self.peak_import_kw: dict[tuple[int, int], float] = {}
-        self.stats = {"cycles": 0, "fallbacks": 0, "solve_s": 0.0, "ac_check_s": 0.0, "cycle_s": 0.0}
+        self.stats = {"cycles": 0, "fallbacks": 0, "solve_s": 0.0, "solver_s": 0.0, "ac_check_s": 0.0,
+                      "cycle_s": 0.0}
 
     def observe_import(self, time, p_import_kw: float) -> None:
         """Record realised import so the demand charge sees this month's peak so far."""
@@ -112,6 +113,7 @@ class OptimizerController:
             s["cycles"] += 1
             s["fallbacks"] += not self.plan.ok
             s["solve_s"] += self.plan.solve_s
+            s["solver_s"] += self.plan.solver_s
             s["ac_check_s"] += self.plan.ac_check_s
             s["cycle_s"] += self.plan.total_s
         k = step - self.plan_step

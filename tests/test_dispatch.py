@@ -73,6 +73,7 @@ def test_battery_arbitrage_matches_independent_lp(make_park):
     d = Dispatcher(park)
     result = d.dispatch(inputs_for(park, load), initial_state(park))
     assert result.status == "optimal", result.reason
+    assert 0 < result.solver_s <= result.solve_s <= result.total_s  # the time split the benchmarks print
     buy = park.tariff.buy_price_cny_per_kwh(index)
     # The optimizer buys the feeder's losses too (estimated by the AC check); so does the check.
     losses = d.problem.p["losses"].value

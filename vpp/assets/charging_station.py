@@ -155,6 +155,8 @@ class ChargingStationFleet(Fleet):
             raise SpecError("charging_station.sessions", f"missing columns {missing}")
         horizon_end = index[-1] + pd.Timedelta(hours=dt_h)
         step = pd.Timedelta(hours=dt_h)
+        sessions = sessions[(sessions["departure"] > index[0]) & (sessions["arrival"] < horizon_end)
+                            & (sessions["energy_kwh"] > 0)]
         busy_until: dict[tuple[str, str], pd.Timestamp] = {}
         deferred: list[str] = []
         self.deferred_sessions = deferred

@@ -55,6 +55,7 @@ class Dispatcher:
         self.problem = problem or DispatchProblem(park)
         self.previous: DispatchResult | None = None
         self.strict_steps = strict_steps
+        self.solver_s = 0.0  # time inside the solver during the last cycle
 
     def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> DispatchResult:
         """Plan the horizon in ``inputs`` from ``state``.
@@ -68,6 +69,7 @@ class Dispatcher:
         settings, grid, problem = self.park.settings, self.park.grid, self.problem
         problem.update(inputs, state)
         solve_s = ac_s = 0.0
+        self.solver_s = 0.0
         if not problem.warm:
             # Cold start: linearise around the AC state of the assets' fallback setpoints,
             # which is closer to any plan than an empty network.
@@ -115,6 +117,7 @@ class Dispatcher:
                 break
             problem.correct(ac, *problem.bus_injections(p_kw, q_kvar))
         result.solve_s, result.ac_check_s = solve_s, ac_s + result.ac_check_s
+        result.solver_s = self.solver_s
         result.total_s = time.perf_counter() - t_start
         if result.ok:
             self.previous = result
@@ -203,6 +206,8 @@ class Dispatcher:
         except Exception as error:  # a solver crash must not take the dispatch loop down
             log.exception("solver raised")
             return f"solver {solver} raised {type(error).__name__}: {error}", True
+        stats = self.problem.problem.solver_stats
+        self.solver_s += float(stats.solve_time or 0.0) if stats is not None else 0.0
         status = self.problem.problem.status
         if status == cp.OPTIMAL:
             return None, False

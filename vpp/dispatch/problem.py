@@ -62,8 +62,11 @@ _NEAR_LIMIT_FRAC = 0.97
 _RELAXED_KVA = 1e6
 _RELAXED_PU = 10.0
 _LAZY_TOL = 1e-6
-_RELAX_FLOW_FRAC = 0.6
-_RELAX_VOLTAGE_PU = 0.02
+# Rows stay active down to these slacks: a row relaxed too eagerly costs a re-solve
+# when the next cycle breaks it (0.3 / 0.04 cut the re-solves by about a third against
+# 0.6 / 0.02 on the reference park, for a slightly larger LP).
+_RELAX_FLOW_FRAC = 0.3
+_RELAX_VOLTAGE_PU = 0.04
 _LAZY_WIDEN_STEPS = 2
 _LAZY_NEAR_FRAC = 0.95
 _LAZY_NEAR_PU = 0.005

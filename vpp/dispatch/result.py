@@ -43,7 +43,8 @@ class DispatchResult:
     ev_sessions: pd.DataFrame = field(default_factory=pd.DataFrame)
     grid_iterations: int = 0
     lazy_rounds: int = 0  # re-solves that activated grid rows the plan broke
-    solve_s: float = 0.0
+    solve_s: float = 0.0  # LP solves as the caller sees them: cvxpy's parameter updates, the solver, unpacking
+    solver_s: float = 0.0  # of which inside the solver itself (cvxpy's solver_stats.solve_time)
     ac_check_s: float = 0.0
     total_s: float = 0.0
     co2_t: float = 0.0
