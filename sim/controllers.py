@@ -116,21 +116,37 @@ class OptimizerController:
             s["solver_s"] += self.plan.solver_s
             s["ac_check_s"] += self.plan.ac_check_s
             s["cycle_s"] += self.plan.total_s
+            self._rows = self._plan_arrays(self.plan)
         k = step - self.plan_step
-        row = self.plan.p_kw.iloc[k]
-        qrow = self.plan.q_kvar.iloc[k]
-        setpoints, q = {}, {}
-        for kind, fleet in park.fleets.items():
-            setpoints[kind] = row[fleet.ids].to_numpy(float)
-            q[kind] = qrow[fleet.ids].to_numpy(float)
-        station_bat = None
-        if "charging_station" in park.fleets and "station_battery_kw" in self.plan.details:
-            st = park.fleets["charging_station"]
-            station_bat = self.plan.details["station_battery_kw"][st.ids].iloc[k].to_numpy(float)[st.bat_owner]
-        station_ev = None
-        if "charging_station" in park.fleets and "ev_kw" in self.plan.details:
-            station_ev = self.plan.details["ev_kw"][park.fleets["charging_station"].ids].iloc[k].to_numpy(float)
+        p_kw, q_kvar, details = self._rows
+        setpoints = {kind: p[:, k].copy() for kind, p in p_kw.items()}
+        q = {kind: v[:, k].copy() for kind, v in q_kvar.items()}
+        station_bat = details["station_battery_kw"][:, k].copy() if "station_battery_kw" in details else None
+        station_ev = details["ev_kw"][:, k].copy() if "ev_kw" in details else None
         return StepCommand(setpoints, q, station_bat, self.plan.status, station_ev)
+
+    def _plan_arrays(self, plan):
+        """A plan's frames as per-kind arrays (assets x steps): one lookup per plan, not per step."""
+        p_all, q_all = plan.p_kw.to_numpy(float), plan.q_kvar.to_numpy(float)
+        p_kw, q_kvar, details = {}, {}, {}
+        for kind, fleet in self.park.fleets.items():
+            cols = _positions(plan.p_kw.columns, fleet.ids)
+            p_kw[kind], q_kvar[kind] = p_all[:, cols].T, q_all[:, cols].T
+        if "charging_station" in self.park.fleets:
+            st = self.park.fleets["charging_station"]
+            for name in ("station_battery_kw", "ev_kw"):
+                if name in plan.details:
+                    frame = plan.details[name]
+                    values = frame.to_numpy(float)[:, _positions(frame.columns, st.ids)].T
+                    details[name] = values[st.bat_owner] if name == "station_battery_kw" else values
+        return p_kw, q_kvar, details
+
+
+def _positions(columns, ids) -> np.ndarray:
+    cols = columns.get_indexer(ids)
+    if (cols < 0).any():
+        raise KeyError(f"plan has no column for {[i for i, c in zip(ids, cols) if c < 0]}")
+    return cols
 
 
 def make_controller(name: str, park, replan_every: int = 1):

@@ -154,38 +154,46 @@ class ChargingStationFleet(Fleet):
         if missing:
             raise SpecError("charging_station.sessions", f"missing columns {missing}")
         horizon_end = index[-1] + pd.Timedelta(hours=dt_h)
-        step = pd.Timedelta(hours=dt_h)
         sessions = sessions[(sessions["departure"] > index[0]) & (sessions["arrival"] < horizon_end)
-                            & (sessions["energy_kwh"] > 0)]
-        busy_until: dict[tuple[str, str], pd.Timestamp] = {}
+                            & (sessions["energy_kwh"] > 0)].sort_values("arrival", kind="stable")
         deferred: list[str] = []
         self.deferred_sessions = deferred
-        for row in sessions.sort_values("arrival").itertuples(index=False):
-            if row.departure <= index[0] or row.arrival >= horizon_end or row.energy_kwh <= 0:
-                continue
-            slots = self.charger_slots.get((row.station_id, row.charger_id))
+        if len(sessions) == 0:
+            return ub, req, names
+        # Plain arrays: pandas lookups per session cost more than the rest of the cycle.
+        start_ns = index.asi8
+        step_ns = int(round(dt_h * 3600e9))
+        arrival_ns = pd.DatetimeIndex(sessions["arrival"]).asi8
+        departure_ns = pd.DatetimeIndex(sessions["departure"]).asi8
+        end_ns = int(horizon_end.value)
+        energy_kwh = sessions["energy_kwh"].to_numpy(float)
+        max_kw = sessions["max_kw"].to_numpy(float)
+        busy_until: dict[tuple[str, str], int] = {}
+        for k, (sid, station, charger) in enumerate(zip(sessions["session_id"], sessions["station_id"],
+                                                        sessions["charger_id"])):
+            key = (station, charger)
+            slots = self.charger_slots.get(key)
             if slots is None:
                 raise SpecError("charging_station.sessions",
-                                f"session {row.session_id!r}: no charger {row.charger_id!r} at station {row.station_id!r}")
-            key = (row.station_id, row.charger_id)
-            if key in busy_until and row.arrival < busy_until[key]:
+                                f"session {sid!r}: no charger {charger!r} at station {station!r}")
+            if key in busy_until and arrival_ns[k] < busy_until[key]:
                 raise SpecError("charging_station.sessions",
-                                f"session {row.session_id!r} overlaps the previous session on charger {row.charger_id!r}")
-            slot = next((k for k in slots if names[k] is None), None)
+                                f"session {sid!r} overlaps the previous session on charger {charger!r}")
+            slot = next((j for j in slots if names[j] is None), None)
             if slot is None:
                 # More sessions on this charger than it has slots: the latest arrivals wait
                 # for a later cycle, by which time the earlier sessions have left the horizon.
-                deferred.append(row.session_id)
+                deferred.append(sid)
                 continue
-            busy_until[key] = row.departure
-            names[slot] = row.session_id
+            busy_until[key] = departure_ns[k]
+            names[slot] = sid
             # A step counts as plugged in only if the car is there for the whole step.
-            plugged = np.asarray((index >= row.arrival) & (index + step <= row.departure))
-            max_kw = min(float(row.max_kw), self.slot_rating_kw[slot])
-            ub[slot] = np.where(plugged, max_kw, 0.0)
+            plugged = (start_ns >= arrival_ns[k]) & (start_ns + step_ns <= departure_ns[k])
+            slot_kw = min(float(max_kw[k]), self.slot_rating_kw[slot])
+            ub[slot] = np.where(plugged, slot_kw, 0.0)
             # Energy the car can still get after the horizon ends counts as not needed now.
-            hours_after = max((row.departure - horizon_end).total_seconds() / 3600.0, 0.0)
-            req[slot] = max(float(row.energy_kwh) - max_kw * self.slot_eff[slot] * hours_after, 0.0)
+            hours_after = max((departure_ns[k] - end_ns) / 3600e9, 0.0)
+            req[slot] = max(float(energy_kwh[k]) - slot_kw * self.slot_eff[slot] * hours_after, 0.0)
         return ub, req, names
 
     def update(self, state, forecast, penalties: Penalties) -> None:
