@@ -162,7 +162,7 @@ def reporter(args: dict, results) -> None:
     ids, batch, unary = args["ids"], args["batch"], args["unary"]
     stream_ids, unary_ids = ids[unary:], ids[:unary]
     out = dict(stream_s=[], unary_s=[], measurements=0, accepted=0, rejected=0, errors=0, error_kinds={},
-               rounds=0, late_rounds=0, calls=0)
+               error_details=[], rejections=[], rounds=0, late_rounds=0, calls=0)
 
     def sim_now():
         return args["clock_start"] + timedelta(seconds=(time.time() - args["clock_wall0"]) * args["speed"])
@@ -176,8 +176,12 @@ def reporter(args: dict, results) -> None:
         t0 = time.perf_counter()
         try:
             summary = stub.StreamTelemetry(iter(messages), metadata=metadata, timeout=deadline_s())
+            if summary.errors and len(out["rejections"]) < 3:
+                out["rejections"].append(summary.errors[0])
             return "stream", time.perf_counter() - t0, len(chunk), summary.accepted, summary.rejected, None
         except grpc.RpcError as error:
+            if len(out["error_details"]) < 5:
+                out["error_details"].append(f"StreamTelemetry {error.code().name}: {error.details()}")
             return "stream", time.perf_counter() - t0, len(chunk), 0, 0, error.code().name
 
     def send_unary(asset_id):
@@ -187,6 +191,8 @@ def reporter(args: dict, results) -> None:
             stub.ReportTelemetry(m, metadata=metadata, timeout=deadline_s())
             return "unary", time.perf_counter() - t0, 1, 1, 0, None
         except grpc.RpcError as error:
+            if len(out["error_details"]) < 5:
+                out["error_details"].append(f"ReportTelemetry {error.code().name}: {error.details()}")
             return "unary", time.perf_counter() - t0, 1, 0, 0, error.code().name
 
     interval_s = args["interval_s"]
@@ -233,6 +239,7 @@ class Watchers:
         self.batches = [0] * n
         self.setpoints = [0] * n
         self.errors: list[str] = []
+        self.details: list[str] = []
         self.calls = []
         metadata = (("authorization", f"Bearer {token}"),)
         for k in range(n):
@@ -251,6 +258,7 @@ class Watchers:
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.errors.append(error.code().name)
+                self.details.append(f"WatchSetpoints {error.code().name}: {error.details()}")
 
     def stop(self):
         for call in self.calls:
@@ -302,6 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--enroll-threads", type=int, default=8)
     p.add_argument("--max-wait-s", type=float, default=600.0, help="bound on each wait for cycles")
     p.add_argument("--keep", action="store_true", help="keep the data folder and print its path")
+    p.add_argument("--server-log", help="write the server's output to this file at the end")
     args = p.parse_args(argv)
 
     data = Path(tempfile.mkdtemp(prefix="vpp-load-"))
@@ -369,6 +378,10 @@ def main(argv=None) -> int:
         print(f"measurements: {measurements} sent, {accepted} stored = {accepted / wall:.0f}/s sustained "
               f"(offered {offered:.0f}/s); rejected {sum(o['rejected'] for o in outs)}")
         print(f"errors: {errors} {kinds or ''}; rounds {rounds}, late {late}")
+        for line in sorted({d for o in outs for d in o["error_details"]})[:5]:
+            print(f"  error: {line}")
+        for line in sorted({d for o in outs for d in o["rejections"]})[:3]:
+            print(f"  rejected: {line}")
         for name, values in (("StreamTelemetry", stream_s), ("ReportTelemetry", unary_s)):
             if values:
                 print(f"latency {name}: p50 {percentile(values, 50) * 1e3:.1f} ms, p99 "
@@ -376,6 +389,8 @@ def main(argv=None) -> int:
         print(f"watchers: {sum(1 for b in watchers.batches if b)} of {args.watchers} got batches; batches per "
               f"watcher min {min(watchers.batches)} max {max(watchers.batches)}; setpoints delivered "
               f"{sum(watchers.setpoints)}; stream errors {len(watchers.errors)} {set(watchers.errors) or ''}")
+        for line in sorted(set(watchers.details))[:3]:
+            print(f"  watch error: {line}")
         print(f"cycles idle:       {summarize_cycles(idle)}")
         print(f"cycles under load: {summarize_cycles(loaded)}")
         body = server.metrics()
@@ -384,6 +399,9 @@ def main(argv=None) -> int:
             print(f"/metrics {name}: {sum(values):.2f}")
     finally:
         server.stop()
+        if args.server_log:
+            time.sleep(0.5)
+            Path(args.server_log).write_text("".join(line for _, line in server.lines))
         if not args.keep:
             import shutil
 

@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 import grpc
 from google.protobuf import message, message_factory, struct_pb2, timestamp_pb2
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from vpp.errors import SpecError, UnknownAssetError, VppError
 from vpp.service.store import ConflictError, NotFoundError, TokenRejected
@@ -126,6 +127,8 @@ def _code_of(error: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, OperationalError):  # disk full, read-only or locked database, lost connection
         return grpc.StatusCode.UNAVAILABLE, "storage unavailable; nothing was written, try again later"
+    if isinstance(error, PoolTimeout):  # every database connection busy for the pool's whole timeout
+        return grpc.StatusCode.UNAVAILABLE, "storage busy; nothing was written, try again later"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
@@ -457,8 +460,10 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
         t0 = time.perf_counter()
         try:
             principal = self._principal(context)
-        except VppError as error:
+        except Exception as error:  # a refused token, or the store unavailable or busy
             code, message = _code_of(error)
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                log.exception("StreamTelemetry failed")
             self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
             context.abort(code, message)
         accepted, errors = 0, []
@@ -472,7 +477,7 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
                 return
             try:
                 refused = dict(self.store.record_telemetry_batch([m for _, m in pending]))
-            except OperationalError:
+            except (OperationalError, PoolTimeout):
                 log.exception("StreamTelemetry: storage unavailable")
                 refused = {k: StorageUnavailable("storage unavailable; not stored, send it again later")
                            for k in range(len(pending))}
@@ -512,6 +517,14 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
             flush()  # what came before the revocation was sent with a valid token
             self.service.metrics.observe_rpc("StreamTelemetry", "UNAUTHENTICATED", time.perf_counter() - t0)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        except Exception as error:  # e.g. the store unavailable or busy while checking an asset: a defined code
+            if isinstance(error, grpc.RpcError) or context.code() is not None:
+                raise
+            code, message = _code_of(error)
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                log.exception("StreamTelemetry failed")
+            self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
+            context.abort(code, message)
         self.service.metrics.observe_rpc("StreamTelemetry", "OK", time.perf_counter() - t0)
         return telemetry_pb2.TelemetrySummary(accepted=accepted, rejected=len(errors), errors=errors[:100])
 
@@ -593,6 +606,7 @@ class Dispatch(_Base, dispatch_pb2_grpc.DispatchServicer):
         self._watching = 0
         self._lock = threading.Lock()
         self._batches: dict[tuple, tuple] = {}  # (id(outcome), scope) -> (outcome, SetpointBatch or None)
+        self._building = threading.Lock()  # one batch built at a time, so each is built once
 
     def _visible(self, principal, asset_ids) -> set[str]:
         if principal.role == "operator":
@@ -616,14 +630,21 @@ class Dispatch(_Base, dispatch_pb2_grpc.DispatchServicer):
             hit = self._batches.get(key)
         if hit is not None and hit[0] is outcome:
             return hit[1]
-        visible = self._visible(principal, [s.asset_id for s in outcome.setpoints])
-        setpoints = [_setpoint_message(s, outcome.cycle_start) for s in outcome.setpoints if s.asset_id in visible]
-        batch = (dispatch_pb2.SetpointBatch(site_id=outcome.site_id, cycle_start=_ts(outcome.cycle_start),
-                                            setpoints=setpoints) if setpoints else None)
-        with self._lock:
-            if len(self._batches) >= WATCH_CACHE:
-                self._batches.pop(next(iter(self._batches)))  # the oldest entry
-            self._batches[key] = (outcome, batch)  # holding the outcome keeps its id from being reused
+        # The watchers all wake on the same cycle: without this lock each of them missed the
+        # cache and built the batch itself (a hundred listings of every asset at once).
+        with self._building:
+            with self._lock:
+                hit = self._batches.get(key)
+            if hit is not None and hit[0] is outcome:
+                return hit[1]
+            visible = self._visible(principal, [s.asset_id for s in outcome.setpoints])
+            setpoints = [_setpoint_message(s, outcome.cycle_start) for s in outcome.setpoints if s.asset_id in visible]
+            batch = (dispatch_pb2.SetpointBatch(site_id=outcome.site_id, cycle_start=_ts(outcome.cycle_start),
+                                                setpoints=setpoints) if setpoints else None)
+            with self._lock:
+                if len(self._batches) >= WATCH_CACHE:
+                    self._batches.pop(next(iter(self._batches)))  # the oldest entry
+                self._batches[key] = (outcome, batch)  # holding the outcome keeps its id from being reused
         return batch
 
     @_rpc
