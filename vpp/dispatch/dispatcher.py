@@ -18,12 +18,14 @@ import numpy as np
 import pandas as pd
 
 from vpp.assets import Horizon
+from vpp.dispatch.highs import HIGHS_ARRAYS
 from vpp.dispatch.problem import DispatchProblem, HorizonInputs
 from vpp.dispatch.result import DispatchResult, count_violations
 
 log = logging.getLogger(__name__)
 
-_SOLVERS = {"HIGHS": cp.HIGHS, "CLARABEL": cp.CLARABEL}
+# HiGHS through cvxpy, with the LP handed over as arrays (see vpp/dispatch/highs.py).
+_SOLVERS = {"HIGHS": HIGHS_ARRAYS, "CLARABEL": cp.CLARABEL}
 
 
 @functools.cache
