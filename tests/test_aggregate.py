@@ -1,0 +1,161 @@
+"""The aggregate (virtual-asset) dispatch against the monolithic one, on small portfolios.
+
+Parks here sit on a 17-bus generated feeder so that each test solves in seconds; the
+portfolio-scale figures come from ``bench/bench_portfolio.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vpp.dispatch.aggregate import AggregateDispatcher, cluster_assets, evaluate_plan
+from vpp.dispatch.dispatcher import Dispatcher
+from vpp.errors import SpecError
+from vpp.portfolio import FeederSize, portfolio_park, portfolio_series, street_buses, synthetic_portfolio
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+SMALL = FeederSize(n_substations=2, lv_feeders=2, buses_per_feeder=3)
+START = "2025-01-15"
+# One grid iteration: both methods then solve their LP with the same grid corrections
+# (those of the assets' fallback setpoints), so the inner-approximation bound is exact.
+ONE_ITERATION = {"max_grid_iterations": 1}
+
+
+def _start(park) -> pd.Timestamp:
+    return pd.Timestamp(START, tz=park.site.timezone)
+
+
+def _both(park):
+    """Monolithic and aggregate plans of the park's first cycle, with their inputs and state."""
+    series = portfolio_series(park, _start(park))
+    inputs = series.horizon(park, _start(park))
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    mono = Dispatcher(park).dispatch(inputs, state)
+    fast = AggregateDispatcher(park).dispatch(inputs, state)
+    return inputs, state, mono, fast
+
+
+def _member_plan(park, result):
+    return ({k: result.p_kw[f.ids].to_numpy().T for k, f in park.fleets.items()},
+            {k: result.q_kvar[f.ids].to_numpy().T for k, f in park.fleets.items()})
+
+
+def _scaled_copies() -> list[dict]:
+    """Assets that are scaled copies of one another in the same normalised state, at two buses."""
+    buses = street_buses(SMALL)
+    out = []
+    for b, bus in enumerate((buses[2], buses[7])):
+        for k, e_kwh in enumerate((5.0, 10.0, 13.5)):
+            out.append({"id": f"bat-{b}-{k}", "kind": "battery", "bus": bus, "e_kwh": e_kwh,
+                        "p_charge_max_kw": 0.5 * e_kwh, "p_discharge_max_kw": 0.5 * e_kwh,
+                        "soc_initial_frac": 0.4 + 0.1 * b, "degradation_cny_per_kwh": 0.05})
+        for k, design in enumerate((4.0, 6.0, 9.0)):
+            out.append({"id": f"hp-{b}-{k}", "kind": "heat_pump", "bus": bus, "source": "air",
+                        "p_el_max_kw": 0.54 * design, "t_supply_c": 35.0, "carnot_efficiency": 0.45,
+                        "store_kwh_th": 3.5 * design, "soc_initial_frac": 0.6, "design_heat_kw_th": design})
+        for k, kwp in enumerate((4.0, 8.0)):
+            out.append({"id": f"pv-{b}-{k}", "kind": "pv", "bus": bus, "p_kwp": kwp, "inverter_kva": 0.9 * kwp,
+                        "tilt_deg": 15.0 + 20.0 * k, "reactive_power": False})
+        out.append({"id": f"homes-{b}", "kind": "load", "bus": bus, "profile": "residential", "peak_kw": 6.0})
+    return out
+
+
+def test_same_seed_same_portfolio():
+    a, b = synthetic_portfolio(24, seed=3, size=SMALL), synthetic_portfolio(24, seed=3, size=SMALL)
+    assert a.asset_ids == b.asset_ids and a.asset_bus == b.asset_bus
+    assert all(fa.specs == fb.specs for fa, fb in zip(a.fleets.values(), b.fleets.values()))
+    assert a.grid.bus_names == b.grid.bus_names
+    np.testing.assert_array_equal(a.grid.branch_rating_kva, b.grid.branch_rating_kva)
+    sa, sb = portfolio_series(a, _start(a)), portfolio_series(b, _start(b))
+    for name in ("pv_avail_kw", "load_demand_kw", "heat_kw_th", "cop", "buy_price_cny_per_kwh"):
+        np.testing.assert_array_equal(getattr(sa, name), getattr(sb, name))
+    pd.testing.assert_frame_equal(sa.sessions, sb.sessions)
+    other = synthetic_portfolio(24, seed=4, size=SMALL)
+    assert [s.model_dump() for s in other.fleets["battery"].specs] != [s.model_dump() for s in a.fleets["battery"].specs]
+
+
+def test_scaled_copies_in_equal_state_plan_the_monolithic_optimum():
+    park = portfolio_park(_scaled_copies(), SMALL, seed=5, settings=ONE_ITERATION)
+    clusters = cluster_assets(park)
+    assert all(int(cluster.max()) + 1 == 2 for cluster, _ in clusters.values())  # one virtual asset per bus
+    inputs, state, mono, fast = _both(park)
+    assert mono.status == fast.virtual.status == "optimal"
+    assert fast.window_conflicts == 0
+    assert fast.virtual.objective_cny == pytest.approx(mono.objective_cny, rel=1e-6)
+    p_mono, q_mono = _member_plan(park, mono)
+    checked_mono = evaluate_plan(park, inputs, state, p_mono, q_mono)
+    checked_fast = evaluate_plan(park, inputs, state, fast.p_kw)
+    assert checked_fast.limit_violations == checked_mono.limit_violations == 0
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    park = synthetic_portfolio(48, seed=2, size=SMALL, import_limit_kw=60.0, settings=ONE_ITERATION)
+    return (park, *_both(park))
+
+
+def test_mixed_portfolio_keeps_every_member_limit_within_the_bound(mixed):
+    park, inputs, state, mono, fast = mixed
+    assert mono.status == fast.virtual.status == "optimal"
+    p_mono, q_mono = _member_plan(park, mono)
+    checked_mono = evaluate_plan(park, inputs, state, p_mono, q_mono)
+    checked_fast = evaluate_plan(park, inputs, state, fast.p_kw)
+    assert checked_mono.limit_violations == 0
+    assert checked_fast.limit_violations == 0, checked_fast.worst
+    # An inner approximation of the members' flexibility: never below the optimum ...
+    assert fast.virtual.objective_cny >= mono.objective_cny * (1 - 1e-6)
+    # ... and, on this portfolio, within 1 % of it, judged on the members' setpoints.
+    assert checked_fast.total_cny <= 1.01 * checked_mono.total_cny
+    assert checked_fast.ev_unmet_kwh <= checked_mono.ev_unmet_kwh + 1e-3
+
+
+def test_members_add_up_to_the_virtual_plan_per_bus(mixed):
+    park, inputs, state, mono, fast = mixed
+    plan = fast.virtual.p_kw
+    virtual_park = AggregateDispatcher(park).virtual_park
+    n_buses = park.grid.n_buses
+    for kind, fleet in park.fleets.items():
+        members = np.zeros((n_buses, plan.shape[0]))
+        np.add.at(members, park.bus_positions(kind), fast.p_kw[kind])
+        virtual = np.zeros_like(members)
+        np.add.at(virtual, virtual_park.bus_positions(kind), plan[virtual_park.fleets[kind].ids].to_numpy().T)
+        np.testing.assert_allclose(members, virtual, rtol=0, atol=1e-6, err_msg=kind)
+        assert fast.p_kw[kind].shape == (fleet.n, plan.shape[0])
+    assert fast.bus_mismatch_kw < 1e-6
+
+
+def test_a_fallback_cycle_gives_members_their_own_fallbacks():
+    park = synthetic_portfolio(24, seed=6, size=SMALL, settings={"time_budget_s": 1e-9})
+    inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    fast = AggregateDispatcher(park).dispatch(inputs, state)
+    assert not fast.ok and fast.virtual.status == "fallback"
+    horizon = Dispatcher(park).problem.horizon
+    for kind, fleet in park.fleets.items():
+        own = fleet.fallback_kw(state[kind], inputs.forecasts.get(kind, {}), horizon)
+        np.testing.assert_allclose(fast.p_kw[kind], own, rtol=0, atol=1e-9, err_msg=kind)
+    # The virtual fallback the dispatcher checked on the grid is the members' sum.
+    assert fast.bus_mismatch_kw < 1e-9
+
+
+def test_a_station_with_a_battery_cannot_be_aggregated():
+    buses = street_buses(SMALL)
+    assets = [{"id": "st-1", "kind": "charging_station", "bus": buses[0], "import_limit_kw": 11.0,
+               "chargers": [{"id": "c", "rating_kw": 11.0}],
+               "battery": {"e_kwh": 10.0, "p_charge_max_kw": 5.0, "p_discharge_max_kw": 5.0}}]
+    park = portfolio_park(assets, SMALL)
+    with pytest.raises(SpecError) as error:
+        AggregateDispatcher(park)
+    assert error.value.field == "aggregate.charging_station[st-1]"
+
+
+def test_a_coarse_horizon_is_refused_by_name():
+    park = synthetic_portfolio(8, seed=1, size=SMALL, settings={"horizon_resolution": [(2, 0.25), (24, 1.0)]})
+    with pytest.raises(SpecError) as error:
+        AggregateDispatcher(park)
+    assert error.value.field == "dispatch.horizon_resolution"
