@@ -79,7 +79,7 @@ def test_a_busy_connection_pool_answers_unavailable_on_unary_calls(service, agg,
     assert code == grpc.StatusCode.UNAVAILABLE and "busy" in details
 
 
-@pytest.mark.parametrize("where", ["principal", "get_asset", "record_telemetry_batch"])
+@pytest.mark.parametrize("where", ["principal", "asset_tenants", "record_telemetry_batch"])
 def test_a_busy_connection_pool_answers_unavailable_on_telemetry_streams(service, agg, monkeypatch, where):
     a = agg.enroll("changping", f"bess-busy-stream-{where}", "battery", bus_of(service), BATTERY)
     monkeypatch.setattr(service.store, where, _busy)
@@ -99,3 +99,31 @@ def test_a_busy_connection_pool_answers_unavailable_on_telemetry_streams(service
     # The store back: the same stream is stored.
     summary = agg.telemetry.StreamTelemetry(iter(messages), metadata=agg.metadata, timeout=30)
     assert summary.accepted == 3
+
+
+def test_a_telemetry_stream_checks_its_assets_with_one_lookup_and_the_same_answers(service, agg, monkeypatch):
+    """Each measurement of a stream used to look its asset up on its own (500 queries for
+    a stream of 500); now one lookup per stored batch, with ReportTelemetry's answers."""
+    mine = agg.enroll("changping", "bess-stream-batch", "battery", bus_of(service), BATTERY)
+    theirs, _ = service.store.enroll_asset("other-tenant", "changping", "bess-theirs", "battery", bus_of(service),
+                                           BATTERY)
+    lookups = []
+    real = service.store.asset_tenants
+    monkeypatch.setattr(service.store, "asset_tenants", lambda ids: lookups.append(list(ids)) or real(ids))
+    monkeypatch.setattr(service.store, "get_asset", _busy)  # not used per measurement any more
+    when = timestamp(START + timedelta(minutes=1))
+    sent = [(mine.asset_id, 1.0), (theirs.asset_id, 1.0), ("0" * 32, 1.0), (mine.asset_id, float("nan")),
+            (theirs.asset_id, float("nan")), ("", 1.0), (mine.asset_id, 2.0)]
+    summary = agg.telemetry.StreamTelemetry(
+        iter(telemetry_pb2.Measurement(asset_id=a, time=when, p_kw=p) for a, p in sent), metadata=agg.metadata,
+        timeout=30)
+    assert summary.accepted == 2 and summary.rejected == 5
+    codes = [e.split(":")[:2] for e in summary.errors]
+    assert codes == [["measurement 1", " PERMISSION_DENIED"], ["measurement 2", " NOT_FOUND"],
+                     ["measurement 3", " INVALID_ARGUMENT"],
+                     ["measurement 4", " PERMISSION_DENIED"],  # another tenant's asset: its values are not looked at
+                     ["measurement 5", " INVALID_ARGUMENT"]]
+    assert len(lookups) == 1 and set(lookups[0]) == {mine.asset_id, theirs.asset_id, "0" * 32}
+    monkeypatch.undo()
+    assert service.store.latest_telemetry([theirs.asset_id]) == {}
+    assert service.store.latest_telemetry([mine.asset_id])[mine.asset_id][1]["p_kw"] == 2.0

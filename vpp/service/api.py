@@ -375,16 +375,44 @@ class _Base:
 
     def _own_asset(self, principal, asset_id: str, roles=("aggregator", "device", "operator")):
         """The asset record if the caller may touch it, else an error."""
+        self._before_lookup(principal, asset_id, roles)
+        asset = self.store.get_asset(asset_id)
+        self._same_tenant(principal, asset_id, asset.tenant)
+        return asset
+
+    def _own_assets(self, principal, asset_ids, roles=("aggregator", "device", "operator")) -> dict:
+        """Per asset id, None if the caller may touch it, else the error ``_own_asset``
+        would raise; one lookup for them all (a telemetry stream names hundreds)."""
+        out, lookup = {}, []
+        for asset_id in dict.fromkeys(asset_ids):
+            try:
+                self._before_lookup(principal, asset_id, roles)
+                lookup.append(asset_id)
+            except VppError as error:
+                out[asset_id] = error
+        tenants = self.store.asset_tenants(lookup) if lookup else {}
+        for asset_id in lookup:
+            try:
+                if asset_id not in tenants:
+                    raise UnknownAssetError(asset_id)
+                self._same_tenant(principal, asset_id, tenants[asset_id])
+                out[asset_id] = None
+            except VppError as error:
+                out[asset_id] = error
+        return out
+
+    def _before_lookup(self, principal, asset_id: str, roles) -> None:
         self._require(principal, *roles)
         if not asset_id:
             raise SpecError("asset_id", "required")
         if principal.role == "device" and principal.asset_id != asset_id:
             # Checked before the lookup: a device token learns nothing about other ids.
             raise Denied("a device token reads and reports only its own asset")
-        asset = self.store.get_asset(asset_id)
-        if principal.role == "aggregator" and asset.tenant != principal.tenant:
+
+    @staticmethod
+    def _same_tenant(principal, asset_id: str, tenant: str) -> None:
+        if principal.role == "aggregator" and tenant != principal.tenant:
             raise Denied(f"asset {asset_id!r} belongs to another tenant")
-        return asset
 
     def _site(self, site_id: str):
         if not site_id:
@@ -466,13 +494,31 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
                 log.exception("StreamTelemetry failed")
             self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
             context.abort(code, message)
-        accepted, errors = 0, []
+        accepted, errors = 0, []  # errors: (index, line)
         allowed: dict[str, VppError | None] = {}  # per asset id: None, or why this caller may not report it
-        pending: list[tuple[int, tuple]] = []
+        received: list[tuple[int, str, tuple | VppError]] = []  # (index, asset id, values or why they are bad)
         checked_at = time.monotonic()
+
+        def refuse(i, error):
+            errors.append((i, f"measurement {i}: {_code_of(error)[0].name}: {error}"))
 
         def flush():
             nonlocal accepted
+            if not received:
+                return
+            # Whether the caller may report each asset, looked up for the batch at once;
+            # refused for the asset before its values are looked at, as ReportTelemetry does.
+            allowed.update(self._own_assets(principal, [a for _, a, _ in received if a not in allowed],
+                                            ("aggregator", "device")))
+            pending = []
+            for i, asset_id, values in received:
+                if allowed[asset_id] is not None:
+                    refuse(i, allowed[asset_id])
+                elif isinstance(values, VppError):
+                    refuse(i, values)
+                else:
+                    pending.append((i, values))
+            received.clear()
             if not pending:
                 return
             try:
@@ -483,10 +529,9 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
                            for k in range(len(pending))}
             for k, (i, _) in enumerate(pending):
                 if k in refused:
-                    errors.append(f"measurement {i}: {_code_of(refused[k])[0].name}: {refused[k]}")
+                    refuse(i, refused[k])
                 else:
                     accepted += 1
-            pending.clear()
 
         try:
             for i, m in _paced(request_iterator, TELEMETRY_FLUSH_S):
@@ -496,21 +541,17 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
                 if time.monotonic() - checked_at > TOKEN_RECHECK_S:  # a token revoked mid-stream stops it
                     self.store.principal(_bearer(context))
                     checked_at = time.monotonic()
-                try:
-                    if isinstance(m, Malformed):
+                if isinstance(m, Malformed):  # one bad measurement does not cost the stream the rest
+                    try:
                         m.check("measurement")
-                    if m.asset_id not in allowed:
-                        try:
-                            self._own_asset(principal, m.asset_id, ("aggregator", "device"))
-                            allowed[m.asset_id] = None
-                        except (Denied, SpecError, UnknownAssetError) as error:
-                            allowed[m.asset_id] = error
-                    if allowed[m.asset_id] is not None:
-                        raise allowed[m.asset_id]
-                    pending.append((i, measurement_values(m)))
-                except VppError as error:  # one bad measurement does not cost the stream the rest
-                    errors.append(f"measurement {i}: {_code_of(error)[0].name}: {error}")
-                if len(pending) >= TELEMETRY_BATCH:
+                    except VppError as error:
+                        refuse(i, error)
+                    continue
+                try:
+                    received.append((i, m.asset_id, measurement_values(m)))
+                except VppError as error:
+                    received.append((i, m.asset_id, error))
+                if len(received) >= TELEMETRY_BATCH:
                     flush()
             flush()
         except TokenRejected as error:
@@ -526,7 +567,9 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
             self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
             context.abort(code, message)
         self.service.metrics.observe_rpc("StreamTelemetry", "OK", time.perf_counter() - t0)
-        return telemetry_pb2.TelemetrySummary(accepted=accepted, rejected=len(errors), errors=errors[:100])
+        errors.sort()
+        return telemetry_pb2.TelemetrySummary(accepted=accepted, rejected=len(errors),
+                                              errors=[line for _, line in errors[:100]])
 
 
 def _bearer(context) -> str:

@@ -713,6 +713,14 @@ class Store:
         with self._read() as s:
             return _asset(self._asset_row(s, asset_id))
 
+    def asset_tenants(self, asset_ids: Sequence[str]) -> dict[str, str]:
+        """The tenant of each of ``asset_ids`` that was ever enrolled (decommissioned too)."""
+        out: dict[str, str] = {}
+        with self._read() as s:
+            for ids in _chunks(list(asset_ids)):
+                out.update(s.execute(select(AssetRow.asset_id, AssetRow.tenant).where(AssetRow.asset_id.in_(ids))).all())
+        return out
+
     def list_assets(self, tenant: str | None = None, site_id: str | None = None, kind: str | None = None,
                     include_decommissioned: bool = False, page_size: int = 100,
                     page_token: str = "") -> tuple[list[AssetRecord], str]:
