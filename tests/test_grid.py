@@ -9,6 +9,7 @@ import pytest
 
 from vpp.dispatch.grid import AcResult, GridModel, load_network
 from vpp.errors import GridModelError, SpecError
+from vpp.portfolio import FeederSize, synthetic_feeder
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,14 @@ def mesh() -> GridModel:
     return GridModel(_mesh_net())
 
 
+@pytest.fixture(scope="module")
+def synthetic() -> GridModel:
+    """The 141-bus 10/0.4 kV feeder the portfolio benchmarks run on (10 transformers)."""
+    model = GridModel(synthetic_feeder(FeederSize(), seed=1))
+    assert model.n_buses == FeederSize().n_buses == 141
+    return model
+
+
 def _random_injections(model: GridModel, n_steps: int, seed: int):
     rng = np.random.default_rng(seed)
     shape = (n_steps, model.n_buses)
@@ -78,7 +87,7 @@ def _assert_matches_pandapower(model: GridModel, p, q) -> AcResult:
     return res
 
 
-@pytest.mark.parametrize("name", ["kerber_empty", "kerber_loaded", "four_load", "mesh"])
+@pytest.mark.parametrize("name", ["kerber_empty", "kerber_loaded", "four_load", "mesh", "synthetic"])
 def test_run_ac_matches_pandapower(name, request):
     model = request.getfixturevalue(name)
     p, q = _random_injections(model, 5, seed=7)

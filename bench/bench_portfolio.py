@@ -1,0 +1,168 @@
+"""Dispatch at portfolio scale: the aggregate (virtual-asset) method against the monolithic LP.
+
+    .venv/bin/python bench/bench_portfolio.py [--parts compare large ac] [--sizes 100 300 1000]
+        [--large 10000] [--cycles 3] [--seed 1] [--start 2025-01-15]
+
+Parts (each seeded, so two runs build the same portfolios):
+
+``compare``  per size: the monolithic ``Dispatcher`` on the park and the
+             ``AggregateDispatcher`` in the same run, both judged on the individual
+             assets by ``evaluate_plan``: seconds (first cycle, cvxpy compile included),
+             cost of each, cost ratio fast / monolithic, member limit violations and AC
+             grid violations of each.
+``large``    the fast method on ``--large`` assets on the 141-bus feeder: ``--cycles``
+             consecutive full cycles (forecast update, solve, AC check of all 96 steps,
+             member setpoints out), seconds per phase, number of virtual assets.
+``ac``       the 96-step AC check of the 141-bus feeder: ``GridModel.run_ac`` against 96
+             calls of ``pandapower.runpp`` (ratio) and the largest voltage difference.
+
+Peak memory is the process's peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``)
+after each part, so it covers every part run before; run ``--parts large`` alone for the
+large portfolio's own peak.  Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vpp.dispatch.aggregate import AggregateDispatcher, evaluate_plan  # noqa: E402
+from vpp.dispatch.dispatcher import Dispatcher  # noqa: E402
+from vpp.dispatch.grid import GridModel  # noqa: E402
+from vpp.portfolio import FeederSize, portfolio_series, synthetic_feeder, synthetic_portfolio  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _portfolio(n: int, seed: int, start: str):
+    t0 = time.perf_counter()
+    park = synthetic_portfolio(n, seed=seed)
+    at = pd.Timestamp(start, tz=park.site.timezone)
+    series = portfolio_series(park, at)
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    counts = ", ".join(f"{k} {f.n}" for k, f in park.fleets.items())
+    print(f"  portfolio of {n} assets built in {time.perf_counter() - t0:.1f} s: {park.grid.n_buses} buses, {counts}",
+          flush=True)
+    return park, at, series, state
+
+
+def compare(sizes: list[int], seed: int, start: str) -> None:
+    print("== compare: monolithic LP vs aggregate method, same portfolio, same cycle ==")
+    rows = []
+    for n in sizes:
+        park, at, series, state = _portfolio(n, seed, start)
+        inputs = series.horizon(park, at)
+        t0 = time.perf_counter()
+        mono = Dispatcher(park).dispatch(inputs, state)
+        mono_s = time.perf_counter() - t0
+        p_mono = {k: mono.p_kw[f.ids].to_numpy().T for k, f in park.fleets.items()}
+        q_mono = {k: mono.q_kvar[f.ids].to_numpy().T for k, f in park.fleets.items()}
+        print(f"  monolithic: {mono.status} in {mono_s:.2f} s (solve {mono.solve_s:.2f} s, "
+              f"{mono.grid_iterations} grid iteration(s))", flush=True)
+        t0 = time.perf_counter()
+        fast = AggregateDispatcher(park).dispatch(inputs, state)
+        fast_s = time.perf_counter() - t0
+        print(f"  aggregate:  {fast.virtual.status} in {fast_s:.2f} s (solve {fast.solve_s:.2f} s, "
+              f"{fast.n_virtual} virtual assets, {fast.virtual.grid_iterations} grid iteration(s))", flush=True)
+        cm = evaluate_plan(park, inputs, state, p_mono, q_mono)
+        cf = evaluate_plan(park, inputs, state, fast.p_kw)
+        ratio = cf.total_cny / cm.total_cny
+        print(f"  n={n}: cost monolithic {cm.total_cny:.2f} CNY, aggregate {cf.total_cny:.2f} CNY, "
+              f"ratio {ratio:.5f}; limit violations {cm.limit_violations} / {cf.limit_violations}; "
+              f"grid violations {cm.grid_violations} / {cf.grid_violations}; "
+              f"EV unmet {cm.ev_unmet_kwh:.2f} / {cf.ev_unmet_kwh:.2f} kWh; "
+              f"comfort shortfall {cm.comfort_shortfall_kwh_th:.2f} / {cf.comfort_shortfall_kwh_th:.2f} kWh_th",
+              flush=True)
+        rows.append((n, mono_s, fast_s, fast.n_virtual, cm.total_cny, cf.total_cny, ratio, cm.limit_violations,
+                     cf.limit_violations, cm.grid_violations, cf.grid_violations))
+    print("  assets  mono_s  fast_s  virtual  mono_cny    fast_cny    ratio    viol(m/f)  grid(m/f)")
+    for r in rows:
+        print(f"  {r[0]:6d}  {r[1]:6.2f}  {r[2]:6.2f}  {r[3]:7d}  {r[4]:10.2f}  {r[5]:10.2f}  {r[6]:.5f}  "
+              f"{r[7]:4d}/{r[8]:<4d}  {r[9]:4d}/{r[10]:<4d}")
+    print(f"  peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
+
+
+def large(n: int, cycles: int, seed: int, start: str) -> None:
+    print(f"== large: aggregate method on {n} assets, {cycles} consecutive cycles ==")
+    park, at, series, state = _portfolio(n, seed, start)
+    t0 = time.perf_counter()
+    fast = AggregateDispatcher(park)
+    print(f"  clustering and problem build {time.perf_counter() - t0:.2f} s", flush=True)
+    for k in range(cycles):
+        when = at + pd.Timedelta(minutes=15 * k)
+        t_cycle = time.perf_counter()
+        inputs = series.horizon(park, when)                       # forecast update
+        forecast_s = time.perf_counter() - t_cycle
+        result = fast.dispatch(inputs, state)                      # solve, AC check, split
+        t0 = time.perf_counter()
+        first = {kind: p[:, 0] for kind, p in result.p_kw.items()}  # setpoints out: every member's next step
+        setpoints = dict(zip(park.asset_ids, np.concatenate([first[k] for k in park.fleets])))
+        setpoints_s = time.perf_counter() - t0
+        total = time.perf_counter() - t_cycle
+        print(f"  cycle {k + 1}/{cycles} {when:%H:%M} {result.virtual.status}: total {total:.2f} s = forecast "
+              f"{forecast_s:.2f} + aggregate/update {result.aggregate_s:.2f} + solve {result.solve_s:.2f} "
+              f"+ AC check {result.ac_check_s:.2f} + disaggregate {result.disaggregate_s:.2f} + setpoints "
+              f"{setpoints_s:.3f} s; {result.virtual.grid_iterations} grid iteration(s), "
+              f"{result.virtual.lazy_rounds} lazy round(s), {result.n_virtual} virtual assets for {len(setpoints)} "
+              f"members, grid violations {result.virtual.violations_remaining}, peak RSS {peak_rss_mib():.0f} MiB",
+              flush=True)
+
+
+def ac(seed: int, repeats: int = 5) -> None:
+    print("== ac: 96-step AC check of the generated feeder, run_ac vs pandapower.runpp ==")
+    grid = GridModel(synthetic_feeder(FeederSize(), seed), 0.95, 1.05, 100.0)
+    rng = np.random.default_rng(seed)
+    T = 96
+    # Per street bus a few dozen homes: mostly consumption, some PV export.
+    p = rng.uniform(-60.0, 20.0, (T, grid.n_buses))
+    q = rng.uniform(-12.0, 4.0, (T, grid.n_buses))
+    grid.run_ac(p, q)  # warm the caches once
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = grid.run_ac(p, q)
+        times.append(time.perf_counter() - t0)
+    fast_s = min(times)
+    t0 = time.perf_counter()
+    ref = [grid.run_pandapower(p[t], q[t]) for t in range(T)]
+    pp_s = time.perf_counter() - t0
+    vm_ref = np.vstack([r.vm_pu for r in ref])
+    dv = float(np.max(np.abs(res.vm_pu - vm_ref)))
+    print(f"  {grid.n_buses} buses, {T} steps, all converged: {bool(res.converged.all())}; vm range "
+          f"{np.nanmin(res.vm_pu):.4f}-{np.nanmax(res.vm_pu):.4f} p.u.")
+    print(f"  run_ac {fast_s * 1000:.1f} ms (best of {repeats}; median {np.median(times) * 1000:.1f} ms), "
+          f"96 x runpp {pp_s:.2f} s: ratio runpp/run_ac {pp_s / fast_s:.0f}; max |dV| {dv:.2e} p.u.", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=("compare", "large", "ac"), default=["ac", "compare", "large"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[100, 300, 1000])
+    parser.add_argument("--large", type=int, default=10000)
+    parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--start", default="2025-01-15")
+    args = parser.parse_args()
+    if "ac" in args.parts:
+        ac(args.seed)
+    if "compare" in args.parts:
+        compare(args.sizes, args.seed, args.start)
+    if "large" in args.parts:
+        large(args.large, args.cycles, args.seed, args.start)
+    print(f"peak RSS (ru_maxrss) {peak_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
