@@ -41,6 +41,7 @@ from typing import Any
 import cvxpy as cp
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from vpp.assets import Contribution, Horizon
 from vpp.errors import SpecError
@@ -67,6 +68,9 @@ _LAZY_TOL = 1e-6
 # 0.6 / 0.02 on the reference park, for a slightly larger LP).
 _RELAX_FLOW_FRAC = 0.3
 _RELAX_VOLTAGE_PU = 0.04
+# Grid rows go through per-bus injection variables when there are more than this many
+# assets per bus with assets (their coefficients then number buses, not assets).
+_BUS_VARIABLES_FACTOR = 2
 _LAZY_WIDEN_STEPS = 2
 _LAZY_NEAR_FRAC = 0.95
 _LAZY_NEAR_PU = 0.005
@@ -150,6 +154,7 @@ class DispatchProblem:
         # Buses and branches that assets can push to a limit; the others need no rows.
         bus_p_min, bus_p_max, bus_q_max = self._bus_power_ranges()
         asset_buses = np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets]))
+        injection_buses = asset_buses
         self._group_branches(sens, asset_buses, bus_p_min, bus_p_max, bus_q_max)
         asset_buses = asset_buses[asset_buses != grid.slack_position]
         asset_buses = asset_buses[self._voltage_can_bind(asset_buses, bus_p_min, bus_p_max, bus_q_max)]
@@ -163,18 +168,38 @@ class DispatchProblem:
         vm_lin = np.zeros((asset_buses.size, T)) + sens.vm0_pu[asset_buses, None]
         flow_lin = 0
         qflow_lin = 0
+        # Many assets per bus (portfolios): state the grid rows on per-bus injection
+        # variables, so each row has one coefficient per bus instead of one per asset.
+        by_bus = sum(f.n for f in park.fleets.values()) > _BUS_VARIABLES_FACTOR * len(injection_buses)
+        p_bus, q_bus = 0, 0
         for kind, c in self.contributions.items():
             constraints += c.constraints
             for name, cost in c.costs_cny.items():
                 costs[name] = costs[name] + cost if name in costs else cost
             A = self.incidence[kind]
             net_p = net_p + cp.sum(c.p_kw, axis=0)
+            q = c.q_kvar
+            if by_bus:
+                S = sp.csr_matrix(A[injection_buses])
+                p_bus = p_bus + S @ c.p_kw
+                q_bus = q_bus + S @ q if q is not None else q_bus
+                continue
             vm_lin = vm_lin + (sens.dvm_dp_pu_per_kw[asset_buses] @ A) @ c.p_kw
             flow_lin = flow_lin + (sens.branch_p_per_kw[self.group_rep] @ A) @ c.p_kw
-            q = c.q_kvar
             if q is not None:
                 vm_lin = vm_lin + (sens.dvm_dq_pu_per_kvar[asset_buses] @ A) @ q
                 qflow_lin = qflow_lin + (sens.branch_q_per_kvar[self.group_rep] @ A) @ q
+        if by_bus and (asset_buses.size or self.group_rep.size):
+            nb = len(injection_buses)
+            p_bus_var = cp.Variable((nb, T), name="bus_p_kw")
+            constraints.append(p_bus_var == p_bus)
+            vm_lin = vm_lin + sens.dvm_dp_pu_per_kw[np.ix_(asset_buses, injection_buses)] @ p_bus_var
+            flow_lin = sens.branch_p_per_kw[np.ix_(self.group_rep, injection_buses)] @ p_bus_var
+            if isinstance(q_bus, cp.Expression):
+                q_bus_var = cp.Variable((nb, T), name="bus_q_kvar")
+                constraints.append(q_bus_var == q_bus)
+                vm_lin = vm_lin + sens.dvm_dq_pu_per_kvar[np.ix_(asset_buses, injection_buses)] @ q_bus_var
+                qflow_lin = sens.branch_q_per_kvar[np.ix_(self.group_rep, injection_buses)] @ q_bus_var
         self.net_p_kw = net_p
 
         # Grid connection: losses come from the last AC check.
