@@ -196,10 +196,13 @@ class DispatchProblem:
             vm_lin = vm_lin + sens.dvm_dp_pu_per_kw[np.ix_(asset_buses, injection_buses)] @ p_bus_var
             flow_lin = sens.branch_p_per_kw[np.ix_(self.group_rep, injection_buses)] @ p_bus_var
             if isinstance(q_bus, cp.Expression):
-                q_bus_var = cp.Variable((nb, T), name="bus_q_kvar")
-                constraints.append(q_bus_var == q_bus)
-                vm_lin = vm_lin + sens.dvm_dq_pu_per_kvar[np.ix_(asset_buses, injection_buses)] @ q_bus_var
-                qflow_lin = sens.branch_q_per_kvar[np.ix_(self.group_rep, injection_buses)] @ q_bus_var
+                if q_bus.variables():
+                    q_bus_var = cp.Variable((nb, T), name="bus_q_kvar")
+                    constraints.append(q_bus_var == q_bus)
+                    q_bus = q_bus_var
+                # Reactive power of fixed loads alone is a parameter: it moves the right-hand sides only.
+                vm_lin = vm_lin + sens.dvm_dq_pu_per_kvar[np.ix_(asset_buses, injection_buses)] @ q_bus
+                qflow_lin = sens.branch_q_per_kvar[np.ix_(self.group_rep, injection_buses)] @ q_bus
         self.net_p_kw = net_p
 
         # Grid connection: losses come from the last AC check.
