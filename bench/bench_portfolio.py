@@ -1,7 +1,7 @@
 """Dispatch at portfolio scale: the aggregate (virtual-asset) method against the monolithic LP.
 
     .venv/bin/python bench/bench_portfolio.py [--parts compare large ac] [--sizes 100 300 1000]
-        [--large 10000] [--cycles 3] [--seed 1] [--start 2025-01-15]
+        [--large 10000] [--large-substations 10] [--cycles 3] [--seed 1] [--start 2025-01-15]
 
 Parts (each seeded, so two runs build the same portfolios):
 
@@ -46,9 +46,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _portfolio(n: int, seed: int, start: str):
+def _portfolio(n: int, seed: int, start: str, size: FeederSize = FeederSize()):
     t0 = time.perf_counter()
-    park = synthetic_portfolio(n, seed=seed)
+    park = synthetic_portfolio(n, seed=seed, size=size)
     at = pd.Timestamp(start, tz=park.site.timezone)
     series = portfolio_series(park, at)
     state = {k: f.initial_state() for k, f in park.fleets.items()}
@@ -96,9 +96,9 @@ def compare(sizes: list[int], seed: int, start: str) -> None:
     print(f"  peak RSS so far {peak_rss_mib():.0f} MiB", flush=True)
 
 
-def large(n: int, cycles: int, seed: int, start: str) -> None:
+def large(n: int, cycles: int, seed: int, start: str, substations: int) -> None:
     print(f"== large: aggregate method on {n} assets, {cycles} consecutive cycles ==")
-    park, at, series, state = _portfolio(n, seed, start)
+    park, at, series, state = _portfolio(n, seed, start, FeederSize(n_substations=substations))
     t0 = time.perf_counter()
     fast = AggregateDispatcher(park)
     print(f"  clustering and problem build {time.perf_counter() - t0:.2f} s", flush=True)
@@ -118,7 +118,7 @@ def large(n: int, cycles: int, seed: int, start: str) -> None:
               f"+ AC check {result.ac_check_s:.2f} + disaggregate {result.disaggregate_s:.2f} + setpoints "
               f"{setpoints_s:.3f} s; {result.virtual.grid_iterations} grid iteration(s), "
               f"{result.virtual.lazy_rounds} lazy round(s), {result.n_virtual} virtual assets for {len(setpoints)} "
-              f"members, grid violations {result.virtual.violations_remaining}, peak RSS {peak_rss_mib():.0f} MiB",
+              f"members, {result.window_conflicts} window conflict(s), grid violations {result.virtual.violations_remaining}, peak RSS {peak_rss_mib():.0f} MiB",
               flush=True)
 
 
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[100, 300, 1000])
     parser.add_argument("--large", type=int, default=10000)
     parser.add_argument("--cycles", type=int, default=3)
+    parser.add_argument("--large-substations", type=int, default=10,
+                        help="10/0.4 kV substations of the large portfolio's feeder (10: 141 buses, 6.3 MVA)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--start", default="2025-01-15")
     args = parser.parse_args()
@@ -162,7 +164,7 @@ def main() -> None:
     if "compare" in args.parts:
         compare(args.sizes, args.seed, args.start)
     if "large" in args.parts:
-        large(args.large, args.cycles, args.seed, args.start)
+        large(args.large, args.cycles, args.seed, args.start, args.large_substations)
     print(f"peak RSS (ru_maxrss) {peak_rss_mib():.0f} MiB")
 
 
