@@ -45,13 +45,13 @@ def test_unknown_charger_is_an_error():
     f = ChargingStationFleet([parse_asset_spec(SPEC)])
     index = pd.date_range(ts("00:00"), periods=96, freq="15min")
     with pytest.raises(SpecError, match="no charger 'zz'"):
-        f._slot_bounds(sessions(("a", "hub", "zz", ts("08:00"), ts("09:00"), 10.0, 50.0)), index, 0.25)
+        f._slot_bounds(sessions(("a", "hub", "zz", ts("08:00"), ts("09:00"), 10.0, 50.0)), {}, index, 0.25)
 
 
 def test_session_past_horizon_needs_only_what_cannot_come_later():
     f = ChargingStationFleet([parse_asset_spec(SPEC)])
     index = pd.date_range(ts("00:00"), periods=8, freq="15min")  # 00:00-02:00
-    ub, req, names = f._slot_bounds(sessions(("a", "hub", "ac", ts("01:00"), ts("03:00"), 20.0, 7.0)), index, 0.25)
+    ub, req, names = f._slot_bounds(sessions(("a", "hub", "ac", ts("01:00"), ts("03:00"), 20.0, 7.0)), {}, index, 0.25)
     # After 02:00 the car still gets 1 h x 7 kW x 0.95; the horizon must deliver the rest.
     assert req.max() == pytest.approx(20.0 - 7.0 * 0.95 * 1.0)
     slot = names.index("a")
@@ -64,11 +64,11 @@ def test_sessions_beyond_the_chargers_slots_wait_for_a_later_cycle():
                  ("b", "hub", "dc", ts("10:00"), ts("11:00"), 30.0, 120.0),
                  ("c", "hub", "dc", ts("12:00"), ts("13:00"), 30.0, 120.0))
     index = pd.date_range(ts("08:00"), periods=96, freq="15min")
-    ub, req, names = f._slot_bounds(s, index, 0.25)
+    ub, req, names = f._slot_bounds(s, {}, index, 0.25)
     assert [n for n in names if n] == ["a", "b"] and f.deferred_sessions == ["c"]
     # Once the first car has left the horizon, the late one gets its slot.
     later = pd.date_range(ts("09:00"), periods=96, freq="15min")
-    _, _, names = f._slot_bounds(s, later, 0.25)
+    _, _, names = f._slot_bounds(s, {}, later, 0.25)
     assert sorted(n for n in names if n) == ["b", "c"]
 
 

@@ -69,12 +69,7 @@ class ParkSeries:
         if "heat_pump" in park.fleets:
             out["heat_pump"] = {"heat_kw_th": self.heat_kw_th[:, sl], "cop": self.cop[:, sl]}
         if "charging_station" in park.fleets:
-            # Only the sessions that overlap the horizon: a year holds thousands.
-            end = index[-1] + (index[1] - index[0] if len(index) > 1 else pd.Timedelta(hours=park.settings.dt_h))
-            sessions = self.sessions
-            if len(sessions):
-                sessions = sessions[(sessions["departure"] > index[0]) & (sessions["arrival"] < end)]
-            out["charging_station"] = {"pv_avail_kw": self.station_pv_avail_kw[:, sl], "sessions": sessions,
+            out["charging_station"] = {"pv_avail_kw": self.station_pv_avail_kw[:, sl], "sessions": self.sessions,
                                        "index": index}
         return out
 

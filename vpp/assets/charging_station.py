@@ -141,8 +141,9 @@ class ChargingStationFleet(Fleet):
         self.p = p
         return Contribution(p_kw=p, constraints=constraints, costs_cny=costs)
 
-    def _slot_bounds(self, sessions: pd.DataFrame, index: pd.DatetimeIndex, dt_h: float):
-        """Upper bounds (n_slots, T) and energy requirements (n_slots,) for this horizon."""
+    def _slot_bounds(self, sessions: pd.DataFrame | None, state, index: pd.DatetimeIndex, dt_h: float):
+        """Upper bounds (n_slots, T) and energy requirements (n_slots,) for this horizon, of
+        the sessions that overlap it, less the energy already delivered (per ``state``)."""
         T = len(index)
         ub = np.zeros((self.n_slots, T))
         req = np.zeros(self.n_slots)
@@ -154,8 +155,10 @@ class ChargingStationFleet(Fleet):
         if missing:
             raise SpecError("charging_station.sessions", f"missing columns {missing}")
         horizon_end = index[-1] + pd.Timedelta(hours=dt_h)
-        sessions = sessions[(sessions["departure"] > index[0]) & (sessions["arrival"] < horizon_end)
-                            & (sessions["energy_kwh"] > 0)].sort_values("arrival", kind="stable")
+        # A year holds thousands of sessions: only those overlapping the horizon go further.
+        sessions = self._remaining(sessions[(sessions["departure"] > index[0]) & (sessions["arrival"] < horizon_end)],
+                                   state)
+        sessions = sessions[sessions["energy_kwh"] > 0].sort_values("arrival", kind="stable")
         deferred: list[str] = []
         self.deferred_sessions = deferred
         if len(sessions) == 0:
@@ -199,7 +202,7 @@ class ChargingStationFleet(Fleet):
     def update(self, state, forecast, penalties: Penalties) -> None:
         horizon = self.horizon
         index = forecast["index"]
-        ub, req, names = self._slot_bounds(self._remaining(forecast.get("sessions"), state), index, horizon.dt_h)
+        ub, req, names = self._slot_bounds(forecast.get("sessions"), state, index, horizon.dt_h)
         # Per planning step: a session's mean available power over the step's base steps, and
         # its share of its charger's energy there (a charger's sessions never overlap, but a
         # coarse step can hold the end of one and the start of the next).
@@ -216,16 +219,16 @@ class ChargingStationFleet(Fleet):
         self.unmet_price.value = penalties.ev_unmet_cny_per_kwh
 
     @staticmethod
-    def _remaining(sessions: pd.DataFrame | None, state) -> pd.DataFrame | None:
+    def _remaining(sessions: pd.DataFrame, state) -> pd.DataFrame:
         """Sessions with the energy already delivered (per the state) taken off."""
-        if sessions is None or len(sessions) == 0 or not state.get("delivered_kwh"):
+        if len(sessions) == 0 or not state.get("delivered_kwh"):
             return sessions
         delivered = sessions["session_id"].map(state["delivered_kwh"]).fillna(0.0)
         return sessions.assign(energy_kwh=(sessions["energy_kwh"] - delivered).clip(lower=0.0))
 
     def fallback_kw(self, state, forecast, horizon: Horizon) -> np.ndarray:
         """No plan: PV at full output, battery idle, every car at full power, capped at the import limit."""
-        ub, req, _ = self._slot_bounds(self._remaining(forecast.get("sessions"), state), forecast["index"], horizon.dt_h)
+        ub, req, _ = self._slot_bounds(forecast.get("sessions"), state, forecast["index"], horizon.dt_h)
         # Cars stop once their request is met.
         ev = np.where(np.cumsum(ub * self.slot_eff[:, None] * horizon.dt_h, axis=1) <= req[:, None] + ub * horizon.dt_h,
                       ub, 0.0)
