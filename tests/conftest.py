@@ -145,3 +145,23 @@ def postgres_url(postgres_server):
                          dbname="postgres", autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
     return f"postgresql+psycopg://postgres@/{name}?host={postgres_server['host']}&port={postgres_server['port']}"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, request):
+    """A running service on its own data folder, shared by one test module's tests."""
+    from test_service import make_service
+
+    s = make_service(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def agg(service):
+    """A client with the service's aggregator token."""
+    from test_service import tokens
+    from vpp.client import Client
+
+    with Client(f"127.0.0.1:{service.port}", tokens(service)["aggregator"]) as client:
+        yield client

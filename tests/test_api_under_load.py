@@ -17,25 +17,12 @@ import grpc
 import pytest
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from test_service import BATTERY, START, bus_of, code_of, make_service, tokens
-from vpp.client import Client, timestamp
+from test_service import BATTERY, START, bus_of, code_of, tokens
+from vpp.client import timestamp
 from vpp.service.api import Dispatch
 from vpp.v1 import telemetry_pb2
 
 UTC = timezone.utc
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    s = make_service(tmp_path_factory.mktemp("under-load"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def agg(service):
-    with Client(f"127.0.0.1:{service.port}", tokens(service)["aggregator"]) as client:
-        yield client
 
 
 def test_watchers_of_one_cycle_build_its_batch_once(service, agg, monkeypatch):

@@ -54,19 +54,6 @@ def load_campaign():
     return sys.modules["fault_campaign"]
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    s = make_service(tmp_path_factory.mktemp("reliability"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def agg(service):
-    with Client(f"127.0.0.1:{service.port}", tokens(service)["aggregator"]) as client:
-        yield client
-
-
 # --- the demand charge's peak so far ------------------------------------------------------------
 
 

@@ -34,13 +34,6 @@ def tokens(service) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    s = make_service(tmp_path_factory.mktemp("svc"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def clients(service):
     t = tokens(service)
     address = f"127.0.0.1:{service.port}"

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REFERENCE_PARK
-from test_service import BATTERY, bus_of, make_service, tokens
+from test_service import BATTERY, bus_of, tokens
 from vpp.client import Client
 from vpp.dispatch.problem import FlexRequest
 from vpp.service.engine import Engine
@@ -166,13 +166,6 @@ HOSTILE = [
     ("peak so far 1e12", _peak(1e12)),
     ("prices swinging again", _swinging_prices),
 ]
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    s = make_service(tmp_path_factory.mktemp("bounds"))
-    yield s
-    s.stop()
 
 
 def test_hostile_optimizer_inputs_never_send_a_setpoint_outside_ratings_or_ramps(service, monkeypatch):
