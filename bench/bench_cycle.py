@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vpp.dispatch.dispatcher import Dispatcher  # noqa: E402
 from vpp.inputs import synthetic_series  # noqa: E402
-from vpp.site import parse_park  # noqa: E402
+from vpp.site import load_park  # noqa: E402
 
 DEFAULT_PARK = Path(__file__).resolve().parents[1] / "sim" / "scenarios" / "changping_science_park.toml"
 
@@ -71,17 +70,14 @@ def main() -> None:
     parser.add_argument("--no-uniform", action="store_true", help="skip the 15-minute-everywhere comparison")
     args = parser.parse_args()
 
-    path = Path(args.park)
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    park = parse_park(raw, base_dir=path.parent)
+    park = load_park(args.park)
     start = pd.Timestamp(args.start, tz=park.site.timezone)
     series = synthetic_series(park, start, days=2)
     configured = run("as configured", park, series, start, args.cycles, args.every_steps)
     if args.no_uniform or not park.settings.horizon_resolution:
         return
-    raw.setdefault("dispatch", {})["horizon_resolution"] = []
-    uniform = run("15-minute steps everywhere", parse_park(raw, base_dir=path.parent), series, start, args.cycles,
-                  args.every_steps)
+    uniform = run("15-minute steps everywhere", load_park(args.park, {"horizon_resolution": []}), series, start,
+                  args.cycles, args.every_steps)
     ratio = uniform["median"]["total_s"] / configured["median"]["total_s"]
     both = [(c["objective_cny"], u["objective_cny"]) for c, u in zip(configured["rows"], uniform["rows"])
             if c["ok"] and u["ok"]]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from sim.forecast import Forecaster  # noqa: E402
 from sim.kpis import compute_kpis  # noqa: E402
 from sim.simulator import simulate  # noqa: E402
 from vpp.inputs import synthetic_series  # noqa: E402
-from vpp.site import parse_park  # noqa: E402
+from vpp.site import load_park  # noqa: E402
 
 DEFAULT_PARK = Path(__file__).resolve().parents[1] / "sim" / "scenarios" / "changping_science_park.toml"
 SHOWN = ("energy_cost_cny", "demand_charge_cny", "total_cost_cny", "peak_import_kw", "ev_unmet_kwh",
@@ -42,11 +41,8 @@ def main() -> None:
     parser.add_argument("--starts", default="2025-01-14,2025-07-15")
     args = parser.parse_args()
 
-    path = Path(args.park)
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    configured = parse_park(raw, base_dir=path.parent)
-    raw.setdefault("dispatch", {})["horizon_resolution"] = []
-    uniform = parse_park(raw, base_dir=path.parent)
+    configured = load_park(args.park)
+    uniform = load_park(args.park, {"horizon_resolution": []})
     print(f"as configured: horizon_resolution = {configured.settings.horizon_resolution}; "
           f"uniform: 15-minute steps over {uniform.settings.horizon_steps} steps")
     n = int(round(args.days * 24 / configured.settings.dt_h))

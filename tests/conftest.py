@@ -62,11 +62,7 @@ def reference_park():
 
 def reference_park_with(**dispatch):
     """The reference park with some ``[dispatch]`` settings overridden."""
-    import tomllib
-
-    raw = tomllib.loads(REFERENCE_PARK.read_text())
-    raw.setdefault("dispatch", {}).update(dispatch)
-    return parse_park(raw, base_dir=REFERENCE_PARK.parent)
+    return load_park(REFERENCE_PARK, dispatch)
 
 
 @pytest.fixture(scope="session")

@@ -179,8 +179,9 @@ def parse_park(data: dict[str, Any], base_dir: Path | None = None) -> Park:
                 grid, fleets, asset_bus)
 
 
-def load_park(path: str | Path) -> Park:
-    """Read and validate a park TOML file.
+def load_park(path: str | Path, dispatch: dict[str, Any] | None = None) -> Park:
+    """Read and validate a park TOML file; ``dispatch`` overrides keys of its ``[dispatch]``
+    table (e.g. ``{"horizon_resolution": []}`` to plan every quarter hour).
 
     Raises
     ------
@@ -196,6 +197,8 @@ def load_park(path: str | Path) -> Park:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError("park_file", f"{path} is not valid TOML: {error}") from None
+    if dispatch:
+        data.setdefault("dispatch", {}).update(dispatch)
     park = parse_park(data, path.parent)
     park.path = path
     return park
