@@ -486,14 +486,19 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
         (one transaction per TELEMETRY_BATCH, or when the stream pauses TELEMETRY_FLUSH_S),
         every one before the summary acknowledges it."""
         t0 = time.perf_counter()
-        try:
-            principal = self._principal(context)
-        except Exception as error:  # a refused token, or the store unavailable or busy
+
+        def fail(error: Exception):
+            """End the stream with the error's defined code, counted and (if ours) logged."""
             code, message = _code_of(error)
             if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
                 log.exception("StreamTelemetry failed")
             self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
             context.abort(code, message)
+
+        try:
+            principal = self._principal(context)
+        except Exception as error:  # a refused token, or the store unavailable or busy
+            fail(error)
         accepted, errors = 0, []  # errors: (index, line)
         allowed: dict[str, VppError | None] = {}  # per asset id: None, or why this caller may not report it
         received: list[tuple[int, str, tuple | VppError]] = []  # (index, asset id, values or why they are bad)
@@ -561,11 +566,7 @@ class Telemetry(_Base, telemetry_pb2_grpc.TelemetryServicer):
         except Exception as error:  # e.g. the store unavailable or busy while checking an asset: a defined code
             if isinstance(error, grpc.RpcError) or context.code() is not None:
                 raise
-            code, message = _code_of(error)
-            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
-                log.exception("StreamTelemetry failed")
-            self.service.metrics.observe_rpc("StreamTelemetry", code.name, time.perf_counter() - t0)
-            context.abort(code, message)
+            fail(error)
         self.service.metrics.observe_rpc("StreamTelemetry", "OK", time.perf_counter() - t0)
         errors.sort()
         return telemetry_pb2.TelemetrySummary(accepted=accepted, rejected=len(errors),
