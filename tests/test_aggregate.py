@@ -6,6 +6,7 @@ portfolio-scale figures come from ``bench/bench_portfolio.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -14,8 +15,10 @@ import pytest
 
 from vpp.dispatch.aggregate import AggregateDispatcher, cluster_assets, evaluate_plan
 from vpp.dispatch.dispatcher import Dispatcher
+from vpp.dispatch.grid import GridModel
 from vpp.errors import SpecError
-from vpp.portfolio import FeederSize, portfolio_park, portfolio_series, street_buses, synthetic_portfolio
+from vpp.portfolio import (FeederSize, portfolio_park, portfolio_series, street_buses, synthetic_feeder,
+                           synthetic_portfolio)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -82,7 +85,7 @@ def test_same_seed_same_portfolio():
 def test_scaled_copies_in_equal_state_plan_the_monolithic_optimum():
     park = portfolio_park(_scaled_copies(), SMALL, seed=5, settings=ONE_ITERATION)
     clusters = cluster_assets(park)
-    assert all(int(cluster.max()) + 1 == 2 for cluster, _ in clusters.values())  # one virtual asset per bus
+    assert all(int(cluster.max()) + 1 == 2 for cluster, _, _ in clusters.values())  # one virtual asset per bus
     inputs, state, mono, fast = _both(park)
     assert mono.status == fast.virtual.status == "optimal"
     assert fast.window_conflicts == 0
@@ -154,8 +157,90 @@ def test_a_station_with_a_battery_cannot_be_aggregated():
     assert error.value.field == "aggregate.charging_station[st-1]"
 
 
-def test_a_coarse_horizon_is_refused_by_name():
-    park = synthetic_portfolio(8, seed=1, size=SMALL, settings={"horizon_resolution": [(2, 0.25), (24, 1.0)]})
+def test_plan_groups_follow_the_lv_feeders():
+    park = synthetic_portfolio(48, seed=2, size=SMALL)
+    feeder = park.grid.feeder_of_bus()
+    # 2 substations: one label for the MV side, one per substation's LV network.
+    assert len(set(feeder)) == 3
+    names = park.grid.bus_names
+    assert len({feeder[names.index(b)] for b in street_buses(SMALL)[:6]}) == 1
+    assert feeder[names.index("source")] == feeder[names.index("mv0")] != feeder[names.index("lv0")]
+    for group_by, most in (("bus", None), ("feeder", 2 * 3), ("portfolio", 3)):
+        clusters = cluster_assets(park, group_by)
+        cluster, ids, group = clusters["heat_pump"]
+        if most is None:
+            np.testing.assert_array_equal(group, np.arange(len(ids)))
+        else:
+            assert int(group.max()) + 1 <= most < len(ids)
+        bus = park.bus_positions("heat_pump")
+        for g in np.unique(group):   # a group holds one product, on one LV feeder unless portfolio-wide
+            rows = np.flatnonzero(group == g)
+            members = np.flatnonzero(np.isin(cluster, rows))
+            assert len({park.fleets["heat_pump"].specs[i].t_supply_c for i in members}) == 1
+            if group_by == "feeder":
+                assert len(set(feeder[bus[members]])) == 1
     with pytest.raises(SpecError) as error:
-        AggregateDispatcher(park)
-    assert error.value.field == "dispatch.horizon_resolution"
+        cluster_assets(park, "street")
+    assert error.value.field == "aggregate.group_by"
+
+
+def test_grouped_plans_stay_within_one_percent_and_keep_every_limit(mixed):
+    park, inputs, state, mono, _ = mixed
+    p_mono, q_mono = _member_plan(park, mono)
+    checked_mono = evaluate_plan(park, inputs, state, p_mono, q_mono)
+    for group_by in ("bus", "portfolio"):
+        fast = AggregateDispatcher(park, group_by=group_by).dispatch(inputs, state)
+        assert fast.ok and fast.bus_mismatch_kw < 1e-6
+        checked = evaluate_plan(park, inputs, state, fast.p_kw)
+        assert checked.limit_violations == 0, (group_by, checked.worst)
+        assert fast.virtual.objective_cny >= mono.objective_cny * (1 - 1e-6)
+        assert checked.total_cny <= 1.01 * checked_mono.total_cny, group_by
+
+
+def test_a_coarse_horizon_gives_base_step_setpoints_within_the_members_power_limits():
+    coarse = [(2, 0.25), (6, 0.5), (24, 1.0)]
+    park = synthetic_portfolio(48, seed=2, size=SMALL, import_limit_kw=60.0, settings={"horizon_resolution": coarse})
+    inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    agg = AggregateDispatcher(park)
+    fast = agg.dispatch(inputs, state)
+    hz = agg.dispatcher.problem.horizon
+    assert fast.ok and hz.n_steps < hz.n_base_steps
+    for kind, fleet in park.fleets.items():
+        assert fast.p_kw[kind].shape == (fleet.n, hz.n_base_steps)
+    # Every planning step's block mean of the members is the virtual plan.
+    virtual_fleets = agg.dispatcher.problem.fleets
+    for kind, c in agg.dispatcher.problem.contributions.items():
+        np.testing.assert_allclose(virtual_fleets[kind].total(hz.coarsen(fast.p_kw[kind])), c.p_kw.value,
+                                   rtol=0, atol=1e-6, err_msg=kind)
+    # Power limits hold in every base step, not only on block averages.
+    checked = evaluate_plan(park, inputs, state, fast.p_kw)
+    for name in ("pv.p_avail_kw", "pv.p_negative_kw", "battery.p_charge_kw", "battery.p_discharge_kw",
+                 "heat_pump.p_max_kw", "heat_pump.p_min_kw", "charging_station.p_car_max_kw",
+                 "charging_station.p_export_kw"):
+        assert checked.violations.get(name, 0) == 0, (name, checked.worst[name])
+    # Stores are planned at block ends: inside a block they drift by at most what the
+    # block's own demand variation moves them (here well under 0.1 kWh).
+    assert max(checked.worst.values()) < 0.1, checked.worst
+    assert checked.ev_unmet_kwh < 1e-3
+
+
+def test_sparse_and_dense_grid_rows_plan_the_same_optimum():
+    """Both forms state one linear grid model: a tight feeder gives equal optima and
+    equal grid-row activity, whichever the LP carries."""
+    results = {}
+    for form in ("dense", "sparse"):
+        park = synthetic_portfolio(48, seed=2, size=SMALL, import_limit_kw=60.0,
+                                   settings={**ONE_ITERATION, "grid_model": form, "lazy_grid_rows": False})
+        # A narrow voltage band and low loading limits, so that grid rows are in the LP and bind.
+        park = dataclasses.replace(park, grid=GridModel(synthetic_feeder(SMALL, 2), 0.99, 1.022, 15.0))
+        inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
+        state = {k: f.initial_state() for k, f in park.fleets.items()}
+        agg = AggregateDispatcher(park)
+        results[form] = agg.dispatch(inputs, state)
+        assert agg.dispatcher.problem.grid_form == form
+        problem = agg.dispatcher.problem
+        assert problem.watched_buses.size > 0 and problem.group_rep.size > 0
+    dense, sparse = results["dense"], results["sparse"]
+    assert dense.ok and sparse.ok
+    assert sparse.virtual.objective_cny == pytest.approx(dense.virtual.objective_cny, rel=1e-6)

@@ -288,3 +288,53 @@ def test_unsupported_networks():
     pp.create_bus(net, 0.4, name="island")
     with pytest.raises(GridModelError, match="not supplied"):
         GridModel(net)
+
+
+@pytest.mark.parametrize("name", ["kerber_empty", "kerber_loaded", "mesh", "synthetic"])
+def test_sparse_model_is_the_dense_sensitivities(name, request):
+    """``J0 x = injections`` gives the dense voltage sensitivities and, on radial networks,
+    the power below each bus gives the flow factors, to rounding, and the voltages along
+    each bus's path to the slack to 1e-4."""
+    import scipy.sparse.linalg as spla
+
+    from vpp.dispatch.grid import SPARSE_X_SCALE
+
+    m = request.getfixturevalue(name)
+    sens, lin = m.sensitivities(), m.sparse_model()
+    assert lin is m.sparse_model()
+    p, q = _random_injections(m, 3, seed=11)
+    on = lin.pq_row >= 0
+    assert (~on).sum() == 1 and not on[m.slack_position]
+    for t in range(p.shape[0]):
+        rhs = np.zeros(2 * lin.n_pq)
+        np.add.at(rhs, lin.pq_row[on], p[t, on])
+        np.add.at(rhs, lin.n_pq + lin.pq_row[on], q[t, on])
+        x = spla.spsolve(lin.jacobian_kw.tocsc(), rhs) / SPARSE_X_SCALE
+        dv = np.where(on, x[lin.n_pq + np.maximum(lin.pq_row, 0)], 0.0)
+        dense = sens.dvm_dp_pu_per_kw @ p[t] + sens.dvm_dq_pu_per_kvar @ q[t]
+        np.testing.assert_allclose(dv, dense, rtol=0, atol=1e-9 * max(np.abs(dense).max(), 1e-6))
+        if lin.subtree is None:
+            continue
+        below = np.zeros(lin.n_internal)
+        np.add.at(below, lin.internal_bus, p[t])
+        d = spla.spsolve(lin.subtree.tocsc(), below)
+        np.testing.assert_allclose(lin.branch_sign * d[lin.branch_bus], sens.branch_p_per_kw @ p[t], rtol=0, atol=1e-9)
+        # The path form of the voltages, where it holds: the dense model to 1e-4 of its
+        # largest change (an unloaded base point); the Jacobian form serves the others.
+        assert (lin.vm_path_p is None) == (name == "kerber_loaded")
+        if lin.vm_path_p is None:
+            continue
+        below_q = np.zeros(lin.n_internal)
+        np.add.at(below_q, lin.internal_bus, q[t])
+        path = lin.vm_path_p @ d + lin.vm_path_q @ spla.spsolve(lin.subtree.tocsc(), below_q)
+        np.testing.assert_allclose(path, dense, rtol=0, atol=1e-4 * np.abs(dense).max())
+    assert (lin.subtree is None) == (name == "mesh")
+
+
+def test_feeder_labels_split_at_transformers(synthetic):
+    label = synthetic.feeder_of_bus()
+    names = synthetic.bus_names
+    assert label[names.index("source")] == label[names.index("mv0")] == label[names.index("mv9")]
+    lv = {label[names.index(f"lv{k}")] for k in range(10)}
+    assert len(lv) == 10 and label[names.index("source")] not in lv
+    assert label[names.index("s3_f2_b3")] == label[names.index("lv3")]

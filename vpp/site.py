@@ -74,6 +74,9 @@ class DispatchSettings(_Section):
     time_budget_s: float = Field(20.0, gt=0, le=3600)
     max_grid_iterations: int = Field(5, ge=1, le=20)
     lazy_grid_rows: bool = True
+    # How the LP states linear voltages and flows: dense sensitivities (every bus against
+    # every bus), the sparse network equations, or "auto" (sparse when much smaller).
+    grid_model: Literal["auto", "dense", "sparse"] = "auto"
     # Service before cost: these defaults exceed what a kWh costs when it raises the
     # month's demand charge within one step (48 CNY/kW / 0.25 h = 192 CNY/kWh for the
     # reference tariff), so the optimizer only leaves a car short or a building cool when

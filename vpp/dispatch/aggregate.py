@@ -17,6 +17,26 @@ Method
    shares plus offsets; per bus they add up to the virtual plan (to rounding), so the AC
    check of the virtual plan is the AC check of the members' setpoints.
 
+Plan groups
+-----------
+Virtual assets are per bus, but the storage kinds' LP variables need not be: with
+``group_by="feeder"`` (the default) the virtual batteries (heat pumps) of one product on
+one LV feeder share one plan, each taking its members' share of it.  The grid rows still
+see each bus's own injection, exactly, so every limit the LP states holds for the
+members; what grouping gives up is that two buses of one feeder cannot run their
+batteries differently (the loss is measured, below).  The LP then grows with products
+times LV feeders, not with buses.  ``group_by="bus"`` keeps one plan per virtual asset,
+``"portfolio"`` one per product.
+
+Coarse horizons
+---------------
+With ``horizon_resolution`` the virtual assets plan in coarse steps and every member gets
+a setpoint per base step: the block's power for batteries, the same share of the
+available output for PV, the same heat output (electric power over each base step's COP)
+for heat pumps, and its own reference schedules per base step for EVs.  Power limits then
+hold in every base step; stores meet their limits at block ends and drift inside a block
+only by what its forecasts vary within it.
+
 Where it is exact, and the bound elsewhere
 ------------------------------------------
 The virtual feasible set is an inner approximation of the members' joint flexibility
@@ -50,6 +70,7 @@ from typing import Any
 
 import numpy as np
 
+from vpp.assets.base import Horizon
 from vpp.dispatch.dispatcher import Dispatcher
 from vpp.dispatch.problem import HorizonInputs
 from vpp.dispatch.result import DispatchResult, count_violations
@@ -74,8 +95,23 @@ def _cluster_keys(park, kind: str) -> list[tuple]:
     return [(b,) for b in buses]
 
 
-def cluster_assets(park) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Per kind: each asset's virtual row and the virtual assets' ids (``kind@bus#k``)."""
+GROUP_BY = ("bus", "feeder", "portfolio")
+# Kinds whose virtual assets on different buses may share one plan (the storage kinds,
+# whose plan variables make up most of the LP).
+_GROUPED_KINDS = ("battery", "heat_pump")
+
+
+def cluster_assets(park, group_by: str = "bus") -> dict[str, tuple[np.ndarray, list[str], np.ndarray]]:
+    """Per kind: each asset's virtual row, the virtual assets' ids (``kind@bus#k``) and
+    each virtual asset's plan group.
+
+    ``group_by`` says which virtual batteries and heat pumps of one product share a plan:
+    none (``bus``: every virtual asset plans alone), those on one LV feeder (``feeder``)
+    or all of them (``portfolio``).
+    """
+    if group_by not in GROUP_BY:
+        raise SpecError("aggregate.group_by", f"expected one of {', '.join(GROUP_BY)}, got {group_by!r}")
+    feeder = park.grid.feeder_of_bus()
     out = {}
     for kind in park.fleets:
         if kind not in VIRTUAL_FLEETS:
@@ -84,20 +120,28 @@ def cluster_assets(park) -> dict[str, tuple[np.ndarray, list[str]]]:
         rows: dict[tuple, int] = {}
         cluster = np.array([rows.setdefault(k, len(rows)) for k in keys], dtype=int)
         count: dict[int, int] = {}
-        ids = []
-        for key in rows:
+        ids, groups = [], {}
+        group = np.empty(len(rows), dtype=int)
+        for r, key in enumerate(rows):
             bus = int(key[0])
             ids.append(f"{kind}@{park.grid.bus_names[bus]}#{count.setdefault(bus, 0)}")
             count[bus] += 1
-        out[kind] = (cluster, ids)
+            if kind not in _GROUPED_KINDS or group_by == "bus":
+                gkey = (r,)
+            else:
+                gkey = key[1:] + ((int(feeder[bus]),) if group_by == "feeder" else ())
+            group[r] = groups.setdefault(gkey, len(groups))
+        out[kind] = (cluster, ids, group)
     return out
 
 
-def aggregate_park(park):
+def aggregate_park(park, group_by: str = "bus"):
     """The park with one virtual asset per cluster in place of its assets."""
     fleets, asset_bus = {}, {}
-    for kind, (cluster, ids) in cluster_assets(park).items():
-        fleets[kind] = VIRTUAL_FLEETS[kind](park.fleets[kind], cluster, ids)
+    for kind, (cluster, ids, group) in cluster_assets(park, group_by).items():
+        fleet = VIRTUAL_FLEETS[kind]
+        fleets[kind] = fleet(park.fleets[kind], cluster, ids, group) if kind in _GROUPED_KINDS else \
+            fleet(park.fleets[kind], cluster, ids)
         buses = park.bus_positions(kind)
         for row, vid in enumerate(ids):
             asset_bus[vid] = int(buses[np.flatnonzero(cluster == row)[0]])
@@ -144,15 +188,14 @@ class AggregateResult:
 class AggregateDispatcher:
     """Plans a park through its virtual assets, cycle after cycle (one compiled problem)."""
 
-    def __init__(self, park):
-        """Raises SpecError for a park with a kind that has no virtual asset, members of a
-        cluster that do not share their dynamics, or a coarse planning horizon (virtual
-        assets plan every base step)."""
-        if park.settings.horizon_resolution:
-            raise SpecError("dispatch.horizon_resolution", "the aggregate dispatch plans every base step; "
-                            "leave horizon_resolution empty")
+    def __init__(self, park, group_by: str = "feeder"):
+        """``group_by``: which virtual batteries and heat pumps share a plan (see
+        :func:`cluster_assets`).  Raises SpecError for a park with a kind that has no
+        virtual asset, members of a cluster that do not share their dynamics, or an
+        unknown ``group_by``."""
         self.park = park
-        self.virtual_park = aggregate_park(park)
+        self.group_by = group_by
+        self.virtual_park = aggregate_park(park, group_by)
         self.dispatcher = Dispatcher(self.virtual_park)
 
     def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> AggregateResult:
@@ -171,16 +214,24 @@ class AggregateDispatcher:
         problem = self.dispatcher.problem
         t0 = time.perf_counter()
         p_kw, details, mismatch = {}, {}, 0.0
+        hz = problem.horizon
         for kind, fleet in problem.fleets.items():
             if virtual.ok:
                 parts = fleet.disaggregate()
                 planned = problem.contributions[kind].p_kw.value
             else:
                 member = self.park.fleets[kind]
-                parts = {"p_kw": member.fallback_kw(state[kind], inputs.forecasts.get(kind, {}), problem.horizon)}
+                base = Horizon(hz.n_base_steps, hz.dt_h)
+                parts = {"p_kw": member.fallback_kw(state[kind], inputs.forecasts.get(kind, {}), base)}
+                parts["p_base_kw"] = parts["p_kw"]
                 planned = virtual.p_kw[fleet.ids].to_numpy().T
             mismatch = max(mismatch, float(np.max(np.abs(fleet.total(parts["p_kw"]) - planned), initial=0.0)))
-            p_kw[kind] = parts.pop("p_kw")
+            # Setpoints per base step: a planning step's power held over its block, or the
+            # member's own base-step plan where the fleet has one (EV sessions, base loads).
+            p_kw[kind] = parts.pop("p_base_kw", None)
+            planning_kw = parts.pop("p_kw")
+            if p_kw[kind] is None:
+                p_kw[kind] = hz.expand(planning_kw)
             details[kind] = parts
         t_dis = time.perf_counter() - t0
         total = time.perf_counter() - t_start

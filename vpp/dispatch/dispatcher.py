@@ -150,8 +150,9 @@ class Dispatcher:
             elastic = self._elastic
             elastic.update(inputs, state)
             # Start from the firm problem's grid corrections, which describe this network state.
-            for name in ("vm_corr", "losses"):
-                elastic.p[name].value = firm.p[name].value
+            elastic.p["losses"].value = firm.p["losses"].value
+            elastic.vm_corr_pu = firm.vm_corr_pu.copy()
+            elastic._set_voltage_band()
             self.problem = elastic
             failure_elastic = self._solve(remaining_s)
             if failure_elastic:

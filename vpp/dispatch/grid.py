@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from pandapower.pypower.idx_brch import BR_R, BR_X, F_BUS, T_BUS
 from pandapower.pypower.idx_bus import BASE_KV, PD, QD
-from scipy.sparse.csgraph import shortest_path
+from scipy.sparse.csgraph import connected_components, shortest_path
 
 from vpp.errors import GridModelError, SpecError
 
@@ -132,6 +132,47 @@ class Sensitivities:
     dvm_dq_pu_per_kvar: np.ndarray
     branch_p_per_kw: np.ndarray
     branch_q_per_kvar: np.ndarray
+
+
+# Radial networks state voltages along each bus's path when that matches the dense
+# sensitivities to this share of their largest entry.
+PATH_TOL = 1e-3
+# The sparse model's unknowns are voltage changes in units of 1 / SPARSE_X_SCALE pu
+# (milli-pu), which keeps its coefficients near the size of the other rows of the LP.
+SPARSE_X_SCALE = 1000.0
+
+
+@dataclass(frozen=True)
+class SparseLinearGrid:
+    """The linear grid model of :class:`Sensitivities` in sparse form, for LPs.
+
+    Attributes
+    ----------
+    jacobian_kw : csr_matrix, shape (2 m, 2 m)
+        ``jacobian_kw @ x = [p_kw; q_kvar]`` at the m PQ buses (internal order), with
+        x = [voltage angles; magnitudes] in milli-pu (rad / 1000, pu / 1000) away
+        from the base point.
+    pq_row : ndarray, shape (n_bus,)
+        Each bus's PQ row (bus order), -1 at the slack bus.
+    internal_bus : ndarray, shape (n_bus,)
+        Each bus's internal bus (buses joined by closed switches share one).
+    subtree : csr_matrix or None, shape (n_internal, n_internal)
+        Radial networks: ``subtree @ d = p`` gives d, each internal bus's injection plus
+        that of every bus further from the slack.  None for meshed networks.
+    branch_bus, branch_sign : ndarray or None, shape (n_branch,)
+        Radial networks: the flow factor of each branch is ``branch_sign * d[branch_bus]``.
+    """
+
+    jacobian_kw: sp.csr_matrix
+    n_pq: int
+    pq_row: np.ndarray
+    internal_bus: np.ndarray
+    n_internal: int
+    subtree: sp.csr_matrix | None
+    branch_bus: np.ndarray | None
+    branch_sign: np.ndarray | None
+    vm_path_p: sp.csr_matrix | None = None
+    vm_path_q: sp.csr_matrix | None = None
 
 
 @dataclass(frozen=True)
@@ -291,8 +332,9 @@ class GridModel:
         self._z_all = np.abs(br[:, BR_R].real + 1j * br[:, BR_X].real)
         self._sens = None
         self._build_jacobian_pattern()
-        self._lu0 = spla.splu(self._jacobian(self._V0[None, :],
-                                             (self._ybus @ self._V0)[None, :]).tocsc())
+        self._j0 = self._jacobian(self._V0[None, :], (self._ybus @ self._V0)[None, :]).tocsc()
+        self._lu0 = spla.splu(self._j0)
+        self._sparse = None
 
     @property
     def net(self) -> pp.pandapowerNet:
@@ -348,6 +390,89 @@ class GridModel:
             flow = self._flow_factors()[:, self._pos]
             self._sens = Sensitivities(self.vm_base_pu.copy(), dvp, dvq, flow, flow.copy())
         return self._sens
+
+    def feeder_of_bus(self) -> np.ndarray:
+        """Per bus (bus order), a label shared by all buses that lines connect without a
+        transformer between them: one label per LV feeder behind its secondary substation,
+        one for the MV network."""
+        lines = self._br_rows[np.array(self.branch_kind) == "line"]
+        n_int = len(self._V0)
+        adj = sp.csr_matrix((np.ones(len(lines)), (self._f_all[lines], self._t_all[lines])), shape=(n_int, n_int))
+        _, label = connected_components(adj, directed=False)
+        return label[self._pos]
+
+    def sparse_model(self) -> "SparseLinearGrid":
+        """The linear model of :meth:`sensitivities` in sparse form (cached).
+
+        The dense sensitivities are ``J0^-1``, every bus against every bus; stated as
+        ``J0 x = injections`` with x the voltage angles and magnitudes they give, the same
+        model has as many non-zeros as the network has branches.  On a radial network the
+        flow factors become ``(I - C) d = injections`` (d: each bus's injection plus that of
+        every bus below it) and each branch carries its lower bus's d.
+        """
+        if self._sparse is None:
+            m, n_int = self._m, len(self._V0)
+            pq_of = np.full(n_int, -1)
+            pq_of[self._pq] = np.arange(m)
+            f, t, ref = self._f_all, self._t_all, self._ref
+            below = subtree = branch_bus = branch_sign = None
+            if len(f) == n_int - 1:
+                adj = sp.csr_matrix((np.ones(len(f)), (f, t)), shape=(n_int, n_int))
+                hops = shortest_path(adj, directed=False, unweighted=True, indices=ref)
+                if np.all(np.isfinite(hops)):
+                    upper, lower = np.where(hops[f] <= hops[t], f, t), np.where(hops[f] <= hops[t], t, f)
+                    subtree = (sp.eye(n_int, format="csr")
+                               - sp.csr_matrix((np.ones(len(f)), (upper, lower)), shape=(n_int, n_int))).tocsr()
+                    factors = self._flow_factors()
+                    lower_of = lower[self._br_rows]
+                    branch_bus = lower_of
+                    branch_sign = factors[np.arange(len(lower_of)), lower_of]
+                    below = self._voltage_path(upper, lower)
+            self._sparse = SparseLinearGrid(
+                jacobian_kw=(self._j0 * (1000.0 * self._base_mva / SPARSE_X_SCALE)).tocsr(), n_pq=m,
+                pq_row=pq_of[self._pos], internal_bus=self._pos.copy(), n_internal=n_int,
+                subtree=subtree, branch_bus=branch_bus, branch_sign=branch_sign,
+                vm_path_p=None if below is None else below[0], vm_path_q=None if below is None else below[1])
+        return self._sparse
+
+    def _voltage_path(self, upper: np.ndarray, lower: np.ndarray):
+        """Radial networks: voltage change at each bus as a sum over the branches on its path
+        to the slack of (step along the branch) x (power below it), per kW and per kvar.
+
+        On a radial network the sensitivity of bus b to an injection at bus j depends,
+        to within a few 1e-4 of its size, only on where their paths to the slack part:
+        ``dvm[b, j] = phi(lca(b, j))`` with phi a bus's own sensitivity.  Summing phi's
+        steps along b's path, each times the power below that step, gives that model with
+        one coefficient per branch on the path instead of one per bus of the network.
+        """
+        n_int, ref = len(self._V0), self._ref
+        sens = self.sensitivities()
+        rep = np.full(n_int, -1)
+        rep[self._pos] = np.arange(self.n_buses)           # a bus-order position per internal bus
+        parent = np.full(n_int, -1)
+        parent[lower] = upper
+        out = []
+        for dense in (sens.dvm_dp_pu_per_kw, sens.dvm_dq_pu_per_kvar):
+            phi = np.where(rep >= 0, dense[np.maximum(rep, 0), np.maximum(rep, 0)], 0.0)
+            phi[ref] = 0.0
+            step = phi - np.where(parent >= 0, phi[np.maximum(parent, 0)], 0.0)
+            rows, cols, vals = [], [], []
+            for b in range(self.n_buses):
+                k = self._pos[b]
+                while k != ref and k >= 0:
+                    rows.append(b), cols.append(k), vals.append(step[k])
+                    k = parent[k]
+            out.append(sp.csr_matrix((vals, (rows, cols)), shape=(self.n_buses, n_int)))
+        # A loaded base point breaks the property (angles couple the paths): then None,
+        # and the voltages go through the Jacobian instead.
+        subtree = sp.eye(n_int, format="csc") - sp.csr_matrix((np.ones(len(lower)), (upper, lower)),
+                                                              shape=(n_int, n_int)).tocsc()
+        to_int = sp.csr_matrix((np.ones(self.n_buses), (self._pos, np.arange(self.n_buses))), shape=(n_int, self.n_buses))
+        below_per_kw = spla.spsolve(subtree, to_int.toarray())
+        for path, dense in zip(out, (sens.dvm_dp_pu_per_kw, sens.dvm_dq_pu_per_kvar)):
+            if np.abs(path @ below_per_kw - dense).max() > PATH_TOL * np.abs(dense).max():
+                return None
+        return out
 
     def _flow_factors(self) -> np.ndarray:
         """Flow away from the slack per unit injection at each internal bus.

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from vpp.assets.base import Contribution, Fleet, Horizon, Penalties, nonneg_param, require_shape, steps_array
+from vpp.assets.base import Contribution, Fleet, Horizon, Penalties, nonneg_param, require_shape
 from vpp.errors import SpecError
 
 # Offsets between a member and its share of the virtual asset are moved to zero over a
@@ -31,17 +31,29 @@ RAMP_POWER_FRAC = 0.25
 
 
 class VirtualFleet(Fleet):
-    """Rows are clusters of ``members`` rows: ``cluster[i]`` is member i's virtual row."""
+    """Rows are clusters of ``members`` rows: ``cluster[i]`` is member i's virtual row.
 
-    def __init__(self, members: Fleet, cluster: np.ndarray, ids: list[str]):
+    Every row sits at one bus.  Storage kinds may also share their plan across rows:
+    ``group[r]`` is row r's *plan group*, and all rows of a group (the same product on
+    different buses of one LV feeder, say) follow one set of LP variables, each row with
+    its members' share.  The grid rows still see every bus's own injection; the LP has
+    one plan per group instead of one per row.  Without ``group`` every row is its own.
+    """
+
+    def __init__(self, members: Fleet, cluster: np.ndarray, ids: list[str], group: np.ndarray | None = None):
         self.members = members
         self.specs = []
         self.ids = list(ids)
         self.cluster = np.asarray(cluster, dtype=int)
-        m = self.cluster.size
-        self.sum_matrix = sp.csr_matrix((np.ones(m), (self.cluster, np.arange(m))), shape=(len(self.ids), m))
-        self._order = np.argsort(self.cluster, kind="stable")
-        self._starts = np.searchsorted(self.cluster[self._order], np.arange(len(self.ids)))
+        m, n = self.cluster.size, len(self.ids)
+        self.sum_matrix = sp.csr_matrix((np.ones(m), (self.cluster, np.arange(m))), shape=(n, m))
+        self.group = np.arange(n) if group is None else np.asarray(group, dtype=int)
+        if self.group.shape != (n,):
+            raise SpecError("aggregate.group", f"expected one plan group per virtual asset ({n})")
+        self.n_groups = int(self.group.max()) + 1 if n else 0
+        self.member_group = self.group[self.cluster]
+        self._order = np.argsort(self.member_group, kind="stable")
+        self._starts = np.searchsorted(self.member_group[self._order], np.arange(self.n_groups))
 
     @property
     def n(self) -> int:
@@ -56,14 +68,24 @@ class VirtualFleet(Fleet):
         return clone
 
     def total(self, member_values: np.ndarray) -> np.ndarray:
-        """Per-virtual sums of member rows."""
+        """Per-virtual (row) sums of member rows."""
         return np.asarray(self.sum_matrix @ np.asarray(member_values, float))
 
-    def cluster_max(self, member_values: np.ndarray) -> np.ndarray:
+    def group_total(self, member_values: np.ndarray) -> np.ndarray:
+        """Per plan group sums of member rows."""
+        out = np.zeros((self.n_groups,) + np.shape(member_values)[1:])
+        np.add.at(out, self.member_group, np.asarray(member_values, float))
+        return out
+
+    def group_max(self, member_values: np.ndarray) -> np.ndarray:
         return np.maximum.reduceat(np.asarray(member_values, float)[self._order], self._starts, axis=0)
 
-    def cluster_min(self, member_values: np.ndarray) -> np.ndarray:
+    def group_min(self, member_values: np.ndarray) -> np.ndarray:
         return np.minimum.reduceat(np.asarray(member_values, float)[self._order], self._starts, axis=0)
+
+    def row_fraction(self, member_share: np.ndarray) -> sp.csr_matrix:
+        """(rows, groups): each row's part of its group's plan, the sum of its members' shares."""
+        return sp.csr_matrix((self.total(member_share), (np.arange(self.n), self.group)), shape=(self.n, self.n_groups))
 
     def initial_state(self):
         return self.members.initial_state()
@@ -109,54 +131,57 @@ class VirtualBatteryFleet(VirtualFleet):
 
     kind = "battery"
 
-    def __init__(self, members, cluster, ids):
-        super().__init__(members, cluster, ids)
+    def __init__(self, members, cluster, ids, group=None):
+        super().__init__(members, cluster, ids, group)
         st = members.storage
         first = self._order[self._starts]
         for name in ("eta_ch", "eta_dis", "sd_per_h", "deg_cny_per_kwh"):
             values = getattr(st, name)
-            if np.any(np.abs(values - values[first][self.cluster]) > 1e-12):
+            if np.any(np.abs(values - values[first][self.member_group]) > 1e-12):
                 raise SpecError(f"aggregate.battery.{name}", "members of one virtual battery must share it")
         self.eta_ch, self.eta_dis, self.sd_per_h, self.deg = (getattr(st, n)[first] for n in
                                                               ("eta_ch", "eta_dis", "sd_per_h", "deg_cny_per_kwh"))
-        self.e_total_kwh = self.total(st.e_kwh)
-        self.share = st.e_kwh / self.e_total_kwh[self.cluster]
+        self.e_total_kwh = self.group_total(st.e_kwh)
+        self.share = st.e_kwh / self.e_total_kwh[self.member_group]
+        self.fraction = self.row_fraction(self.share)
 
     def build(self, horizon: Horizon) -> Contribution:
-        n, T, dt = self.n, horizon.n_steps, horizon.dt_h
-        self.dt_h = dt
-        self.p_ch = cp.Variable((n, T), nonneg=True, name="vbat_p_ch_kw")
-        self.p_dis = cp.Variable((n, T), nonneg=True, name="vbat_p_dis_kw")
-        self.e = cp.Variable((n, T + 1), name="vbat_e_kwh")
-        self.e0 = cp.Parameter(n, name="vbat_e0_kwh", value=np.zeros(n))
-        self.e_end = cp.Parameter(n, name="vbat_e_end_kwh", value=np.zeros(n))
-        self.e_lo, self.e_hi = nonneg_param((n, T), "vbat_e_lo_kwh"), nonneg_param((n, T), "vbat_e_hi_kwh")
-        self.ch_max, self.dis_max = nonneg_param((n, T), "vbat_ch_max_kw"), nonneg_param((n, T), "vbat_dis_max_kw")
+        n, g, T = self.n, self.n_groups, horizon.n_steps
+        self.horizon = horizon
+        self.p_ch = cp.Variable((g, T), nonneg=True, name="vbat_p_ch_kw")
+        self.p_dis = cp.Variable((g, T), nonneg=True, name="vbat_p_dis_kw")
+        self.e = cp.Variable((g, T + 1), name="vbat_e_kwh")
+        self.e0 = cp.Parameter(g, name="vbat_e0_kwh", value=np.zeros(g))
+        self.e_end = cp.Parameter(g, name="vbat_e_end_kwh", value=np.zeros(g))
+        self.e_lo, self.e_hi = nonneg_param((g, T), "vbat_e_lo_kwh"), nonneg_param((g, T), "vbat_e_hi_kwh")
+        self.ch_max, self.dis_max = nonneg_param((g, T), "vbat_ch_max_kw"), nonneg_param((g, T), "vbat_dis_max_kw")
         self.offset_kw = cp.Parameter((n, T), name="vbat_offset_kw", value=np.zeros((n, T)))
         self.offset_cost = cp.Parameter(nonneg=True, name="vbat_offset_degradation_cny", value=0.0)
-        keep = steps_array(1.0 - self.sd_per_h * dt, T)
+        keep = 1.0 - horizon.per_step(self.sd_per_h)
         constraints = [
             self.e[:, 0] == self.e0,
-            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + cp.multiply(steps_array(self.eta_ch * dt, T), self.p_ch)
-            - cp.multiply(steps_array(dt / self.eta_dis, T), self.p_dis),
+            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + cp.multiply(horizon.per_step(self.eta_ch), self.p_ch)
+            - cp.multiply(horizon.per_step(1.0 / self.eta_dis), self.p_dis),
             self.e[:, 1:] >= self.e_lo, self.e[:, 1:] <= self.e_hi,
             self.p_ch <= self.ch_max, self.p_dis <= self.dis_max,
             self.e[:, T] >= self.e_end,
         ]
-        degradation = cp.sum(cp.multiply(steps_array(self.deg * dt, T), self.p_ch + self.p_dis)) + self.offset_cost
-        return Contribution(p_kw=self.p_dis - self.p_ch + self.offset_kw, constraints=constraints,
+        degradation = cp.sum(cp.multiply(horizon.per_step(self.deg), self.p_ch + self.p_dis)) + self.offset_cost
+        return Contribution(p_kw=self.fraction @ (self.p_dis - self.p_ch) + self.offset_kw, constraints=constraints,
                             costs_cny={"battery_degradation": degradation})
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        st, T, dt, c = self.members.storage, self.e_lo.shape[1], self.dt_h, self.cluster
+        st, T, c = self.members.storage, self.e_lo.shape[1], self.member_group
+        dt = self.horizon.step_h[None, :]
         e0 = np.clip(require_shape("battery.e_kwh", state["e_kwh"], (st.n,)), st.e_min_kwh, st.e_max_kwh)
         e_end = np.clip(np.where(np.isnan(st.end_frac), e0, st.end_frac * st.e_kwh), st.e_min_kwh, st.e_max_kwh)
-        E0, Eend = self.total(e0), self.total(e_end)
+        E0, Eend = self.group_total(e0), self.group_total(e_end)
         self.e0_members = e0
         start, end = e0 - self.share * E0[c], e_end - self.share * Eend[c]
-        rate_kwh = RAMP_POWER_FRAC * np.minimum(st.p_ch_max_kw * st.eta_ch, st.p_dis_max_kw / st.eta_dis) * dt
+        # Ramp lengths in planning steps, at the finest step (the ramp is slower in longer ones).
+        rate_kwh = RAMP_POWER_FRAC * np.minimum(st.p_ch_max_kw * st.eta_ch, st.p_dis_max_kw / st.eta_dis) * dt.min()
         steps = np.ceil(np.maximum(np.abs(start), np.abs(end)) / rate_kwh)
-        steps = np.clip(self.cluster_max(steps), 1, T // 2)[c]
+        steps = np.clip(self.group_max(steps), 1, T // 2)[c]
         self.offset_kwh = ramp_offsets(start, end, steps, T)
         keep = 1.0 - st.sd_per_h[:, None] * dt
         moved = self.offset_kwh[:, 1:] - keep * self.offset_kwh[:, :-1]
@@ -168,28 +193,29 @@ class VirtualBatteryFleet(VirtualFleet):
         # plant skips the round-trip loss the plan counts and ends up fuller, by at most this.
         netting_kwh = np.cumsum((1.0 / st.eta_dis - st.eta_ch)[:, None] * np.minimum(
             np.maximum(self.off_ch_kw, self.off_dis_kw), np.maximum(st.p_ch_max_kw, st.p_dis_max_kw)[:, None]) * dt, axis=1)
-        lo = self.cluster_max((st.e_min_kwh[:, None] - self.offset_kwh[:, 1:]) / share)
-        hi = self.cluster_min((st.e_max_kwh[:, None] - netting_kwh - self.offset_kwh[:, 1:]) / share)
+        lo = self.group_max((st.e_min_kwh[:, None] - self.offset_kwh[:, 1:]) / share)
+        hi = self.group_min((st.e_max_kwh[:, None] - netting_kwh - self.offset_kwh[:, 1:]) / share)
         self.window_conflicts = int(np.sum(lo > hi + 1e-9))
         self.e_lo.value, self.e_hi.value = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
-        self.ch_max.value = np.maximum(self.cluster_min((st.p_ch_max_kw[:, None] - self.off_ch_kw) / share), 0.0)
-        self.dis_max.value = np.maximum(self.cluster_min((st.p_dis_max_kw[:, None] - self.off_dis_kw) / share), 0.0)
+        self.ch_max.value = np.maximum(self.group_min((st.p_ch_max_kw[:, None] - self.off_ch_kw) / share), 0.0)
+        self.dis_max.value = np.maximum(self.group_min((st.p_dis_max_kw[:, None] - self.off_dis_kw) / share), 0.0)
         self.offset_kw.value = self.total(self.off_dis_kw - self.off_ch_kw)
-        self.offset_cost.value = float(np.sum(st.deg_cny_per_kwh[:, None] * (self.off_ch_kw + self.off_dis_kw)) * dt)
+        self.offset_cost.value = float(np.sum(st.deg_cny_per_kwh[:, None] * (self.off_ch_kw + self.off_dis_kw) * dt))
 
     def disaggregate(self) -> dict[str, np.ndarray]:
         """Members' net power (m, T) [kW] and the energy (m, T + 1) [kWh] it leaves them with."""
-        st, share, c = self.members.storage, self.share[:, None], self.cluster
+        st, share, c = self.members.storage, self.share[:, None], self.member_group
         p = share * (self.p_dis.value[c] - self.p_ch.value[c]) + self.off_dis_kw - self.off_ch_kw
         e = np.empty((st.n, p.shape[1] + 1))
         e[:, 0] = self.e0_members
-        for t in range(p.shape[1]):
-            gain = np.where(p[:, t] < 0, -p[:, t] * st.eta_ch, -p[:, t] / st.eta_dis) * self.dt_h
-            e[:, t + 1] = e[:, t] * (1.0 - st.sd_per_h * self.dt_h) + gain
+        for t, dt in enumerate(self.horizon.step_h):
+            gain = np.where(p[:, t] < 0, -p[:, t] * st.eta_ch, -p[:, t] / st.eta_dis) * dt
+            e[:, t + 1] = e[:, t] * (1.0 - st.sd_per_h * dt) + gain
         return {"p_kw": p, "e_kwh": e}
 
     def plan_details(self):
-        return {"soc_frac": self.e.value[:, 1:] / self.e_total_kwh[:, None]}
+        e_rows = self.fraction @ self.e.value[:, 1:] + self.total(self.offset_kwh[:, 1:])
+        return {"soc_frac": e_rows / self.total(self.members.storage.e_kwh)[:, None]}
 
 
 class VirtualHeatPumpFleet(VirtualFleet):
@@ -206,86 +232,99 @@ class VirtualHeatPumpFleet(VirtualFleet):
 
     kind = "heat_pump"
 
-    def __init__(self, members, cluster, ids):
-        super().__init__(members, cluster, ids)
+    def __init__(self, members, cluster, ids, group=None):
+        super().__init__(members, cluster, ids, group)
         loss = members.loss_per_h
         first = self._order[self._starts]
-        if np.any(np.abs(loss - loss[first][self.cluster]) > 1e-12):
+        if np.any(np.abs(loss - loss[first][self.member_group]) > 1e-12):
             raise SpecError("aggregate.heat_pump.store_loss_frac_per_h", "members of one virtual heat pump must share it")
         self.loss_per_h = loss[first]
-        self.cap_total = self.total(members.cap_kwh)
-        self.share = members.cap_kwh / self.cap_total[self.cluster]
+        self.cap_total = self.group_total(members.cap_kwh)
+        self.share = members.cap_kwh / self.cap_total[self.member_group]
+        self.fraction = self.row_fraction(self.share)
         self.end_frac = np.array([np.nan if s.soc_end_target_frac is None else s.soc_end_target_frac
                                   for s in members.specs])
 
     def build(self, horizon: Horizon) -> Contribution:
-        n, T, dt = self.n, horizon.n_steps, horizon.dt_h
-        self.dt_h = dt
-        self.h = cp.Variable((n, T), name="vhp_heat_kw_th")
-        self.e = cp.Variable((n, T + 1), name="vhp_e_th_kwh")
-        self.shortfall = cp.Variable((n, T), nonneg=True, name="vhp_shortfall_kwh_th")
-        self.end_shortfall = cp.Variable(n, nonneg=True, name="vhp_end_shortfall_kwh_th")
+        n, g, T = self.n, self.n_groups, horizon.n_steps
+        self.horizon = horizon
+        self.h = cp.Variable((g, T), name="vhp_heat_kw_th")
+        self.e = cp.Variable((g, T + 1), name="vhp_e_th_kwh")
+        self.shortfall = cp.Variable((g, T), nonneg=True, name="vhp_shortfall_kwh_th")
+        self.end_shortfall = cp.Variable(g, nonneg=True, name="vhp_end_shortfall_kwh_th")
+        # Electric power per unit of its group's heat, per row (its members' shares over their COPs).
         self.el_per_heat = [nonneg_param((T,), f"vhp_el_per_heat_{v}") for v in range(n)]
         self.offset_el = cp.Parameter((n, T), name="vhp_offset_el_kw", value=np.zeros((n, T)))
-        self.demand = cp.Parameter((n, T), name="vhp_demand_kw_th", value=np.zeros((n, T)))
-        self.h_lo = cp.Parameter((n, T), name="vhp_heat_lo_kw_th", value=np.zeros((n, T)))
-        self.h_hi = cp.Parameter((n, T), name="vhp_heat_hi_kw_th", value=np.zeros((n, T)))
-        self.e_lo = cp.Parameter((n, T), name="vhp_e_lo_kwh_th", value=np.zeros((n, T)))
-        self.e_hi = cp.Parameter((n, T), name="vhp_e_hi_kwh_th", value=np.zeros((n, T)))
-        self.e0 = cp.Parameter(n, name="vhp_e0_kwh_th", value=np.zeros(n))
-        self.e_end = cp.Parameter(n, name="vhp_e_end_kwh_th", value=np.zeros(n))
+        self.demand = cp.Parameter((g, T), name="vhp_demand_kw_th", value=np.zeros((g, T)))
+        self.h_lo = cp.Parameter((g, T), name="vhp_heat_lo_kw_th", value=np.zeros((g, T)))
+        self.h_hi = cp.Parameter((g, T), name="vhp_heat_hi_kw_th", value=np.zeros((g, T)))
+        self.e_lo = cp.Parameter((g, T), name="vhp_e_lo_kwh_th", value=np.zeros((g, T)))
+        self.e_hi = cp.Parameter((g, T), name="vhp_e_hi_kwh_th", value=np.zeros((g, T)))
+        self.e0 = cp.Parameter(g, name="vhp_e0_kwh_th", value=np.zeros(g))
+        self.e_end = cp.Parameter(g, name="vhp_e_end_kwh_th", value=np.zeros(g))
         self.comfort_price = cp.Parameter(nonneg=True, name="vhp_comfort_price", value=0.0)
-        keep = steps_array(1.0 - self.loss_per_h * dt, T)
+        dt = np.broadcast_to(horizon.step_h, (g, T))
+        keep = 1.0 - horizon.per_step(self.loss_per_h)
         constraints = [
             self.h >= self.h_lo, self.h <= self.h_hi,
             self.e[:, 0] == self.e0,
-            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + (self.h - self.demand) * dt,
+            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + cp.multiply(dt, self.h - self.demand),
             self.e[:, 1:] <= self.e_hi,
             self.e[:, 1:] + self.shortfall >= self.e_lo,
             self.e[:, T] + self.end_shortfall >= self.e_end,
         ]
-        p_el = cp.vstack([cp.multiply(self.el_per_heat[v], self.h[v]) for v in range(n)]) + self.offset_el
-        comfort = self.comfort_price * (cp.sum(self.shortfall) * dt + cp.sum(self.end_shortfall))
+        p_el = cp.vstack([cp.multiply(self.el_per_heat[v], self.h[self.group[v]]) for v in range(n)]) + self.offset_el
+        comfort = self.comfort_price * (cp.sum(self.shortfall @ horizon.step_h) + cp.sum(self.end_shortfall))
         return Contribution(p_kw=-p_el, constraints=constraints, costs_cny={"comfort_violation": comfort})
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        hp, T, dt, c = self.members, self.h.shape[1], self.dt_h, self.cluster
-        m = hp.n
-        cop = require_shape("heat_pump.cop", forecast["cop"], (m, T))
-        if np.any(cop <= 0):
+        hp, hz, c = self.members, self.horizon, self.member_group
+        m, T = hp.n, hz.n_steps
+        dt = hz.step_h[None, :]
+        cop_base = require_shape("heat_pump.cop", forecast["cop"], (m, hz.n_base_steps))
+        if np.any(cop_base <= 0):
             raise SpecError("heat_pump.cop", "must be positive")
-        demand = np.clip(require_shape("heat_pump.heat_kw_th", forecast["heat_kw_th"], (m, T)), 0.0, None)
+        # A planning step holds each member's heat output constant over its base steps, so
+        # its electric energy follows the block mean of 1 / COP, and its power limits bind
+        # at the block's extreme COPs.
+        self.cop_base = cop_base
+        self.inv_cop = hz.coarsen(1.0 / cop_base)
+        cop_lo, cop_hi = hz.coarsen(cop_base, "min"), hz.coarsen(cop_base, "max")
+        demand = hz.coarsen(np.clip(require_shape("heat_pump.heat_kw_th", forecast["heat_kw_th"],
+                                                  (m, hz.n_base_steps)), 0.0, None))
         e0 = np.minimum(require_shape("heat_pump.e_th_kwh", state["e_th_kwh"], (m,)), hp.cap_kwh)
         e_end = np.clip(np.where(np.isnan(self.end_frac), e0, self.end_frac * hp.cap_kwh), 0.0, hp.cap_kwh)
         w = self.share[:, None]
-        D, E0, Eend = self.total(demand), self.total(e0), self.total(e_end)
+        D, E0, Eend = self.group_total(demand), self.group_total(e0), self.group_total(e_end)
         start, end = e0 - self.share * E0[c], e_end - self.share * Eend[c]
-        rate_kwh = RAMP_POWER_FRAC * hp.p_max_kw * cop.min(axis=1) * dt
-        steps = np.clip(self.cluster_max(np.ceil(np.maximum(np.abs(start), np.abs(end)) / rate_kwh)), 1, T // 2)[c]
+        rate_kwh = RAMP_POWER_FRAC * hp.p_max_kw * cop_lo.min(axis=1) * dt.min()
+        steps = np.clip(self.group_max(np.ceil(np.maximum(np.abs(start), np.abs(end)) / rate_kwh)), 1, T // 2)[c]
         self.offset_kwh = ramp_offsets(start, end, steps, T)
         keep = 1.0 - hp.loss_per_h[:, None] * dt
         self.offset_heat = (self.offset_kwh[:, 1:] - keep * self.offset_kwh[:, :-1]) / dt + demand - w * D[c]
-        self.cop = cop
-        self.h_lo.value = self.cluster_max((hp.p_min_kw[:, None] * cop - self.offset_heat) / w)
-        self.h_hi.value = self.cluster_min((hp.p_max_kw[:, None] * cop - self.offset_heat) / w)
+        self.h_lo.value = self.group_max((hp.p_min_kw[:, None] * cop_hi - self.offset_heat) / w)
+        self.h_hi.value = self.group_min((hp.p_max_kw[:, None] * cop_lo - self.offset_heat) / w)
         self.window_conflicts = int(np.sum(self.h_lo.value > self.h_hi.value + 1e-9))
-        self.e_lo.value = self.cluster_max(-self.offset_kwh[:, 1:] / w)
-        self.e_hi.value = self.cluster_min((hp.cap_kwh[:, None] - self.offset_kwh[:, 1:]) / w)
-        el_per_heat = self.total(w / cop)
+        self.e_lo.value = self.group_max(-self.offset_kwh[:, 1:] / w)
+        self.e_hi.value = self.group_min((hp.cap_kwh[:, None] - self.offset_kwh[:, 1:]) / w)
+        el_per_heat = self.total(w * self.inv_cop)
         for v in range(self.n):
             self.el_per_heat[v].value = el_per_heat[v]
-        self.offset_el.value = self.total(self.offset_heat / cop)
+        self.offset_el.value = self.total(self.offset_heat * self.inv_cop)
         self.demand.value, self.e0.value, self.e_end.value = D, E0, Eend
         self.comfort_price.value = penalties.comfort_cny_per_kwh_th
 
     def disaggregate(self) -> dict[str, np.ndarray]:
-        """Members' electric power (m, T) [kW, negative], heat [kW_th] and store (m, T + 1) [kWh_th]."""
-        w, c = self.share[:, None], self.cluster
+        """Members' electric power per planning and per base step [kW, negative], heat
+        (m, T) [kW_th] and store (m, T + 1) [kWh_th]."""
+        w, c = self.share[:, None], self.member_group
         heat = w * self.h.value[c] + self.offset_heat
-        return {"p_kw": -heat / self.cop, "heat_kw_th": heat, "e_th_kwh": w * self.e.value[c] + self.offset_kwh}
+        return {"p_kw": -heat * self.inv_cop, "p_base_kw": -self.horizon.expand(heat) / self.cop_base,
+                "heat_kw_th": heat, "e_th_kwh": w * self.e.value[c] + self.offset_kwh}
 
     def plan_details(self):
-        return {"e_th_kwh": self.e.value[:, 1:], "shortfall_kwh_th": self.shortfall.value}
+        return {"e_th_kwh": self.fraction @ self.e.value[:, 1:] + self.total(self.offset_kwh[:, 1:]),
+                "shortfall_kwh_th": self.fraction @ self.shortfall.value}
 
 
 class VirtualPVFleet(VirtualFleet):
@@ -297,20 +336,25 @@ class VirtualPVFleet(VirtualFleet):
 
     def build(self, horizon: Horizon) -> Contribution:
         n, T = self.n, horizon.n_steps
+        self.horizon = horizon
         self.avail = nonneg_param((n, T), "vpv_avail_kw")
         self.p = cp.Variable((n, T), nonneg=True, name="vpv_p_kw")
         return Contribution(p_kw=self.p, constraints=[self.p <= self.avail])
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        T = self.avail.shape[1]
-        avail = require_shape("pv.avail_kw", forecast["avail_kw"], (self.members.n, T))
-        self.member_avail = np.clip(avail, 0.0, self.members.s_kva[:, None])
+        hz = self.horizon
+        avail = require_shape("pv.avail_kw", forecast["avail_kw"], (self.members.n, hz.n_base_steps))
+        self.member_avail_base = np.clip(avail, 0.0, self.members.s_kva[:, None])
+        self.member_avail = hz.coarsen(self.member_avail_base)
         self.avail.value = self.total(self.member_avail)
 
     def disaggregate(self) -> dict[str, np.ndarray]:
         total = self.avail.value[self.cluster]
         fraction = np.divide(self.p.value[self.cluster], total, out=np.zeros_like(total), where=total > 1e-9)
-        return {"p_kw": np.clip(fraction, 0.0, 1.0) * self.member_avail}
+        # The same share of the available output in every base step of a planning step.
+        fraction = np.clip(fraction, 0.0, 1.0)
+        return {"p_kw": fraction * self.member_avail,
+                "p_base_kw": self.horizon.expand(fraction) * self.member_avail_base}
 
     def plan_details(self):
         return {"curtailed_kw": self.avail.value - self.p.value}
@@ -322,21 +366,23 @@ class VirtualLoadFleet(VirtualFleet):
     kind = "load"
 
     def build(self, horizon: Horizon) -> Contribution:
+        self.horizon = horizon
         self.demand = nonneg_param((self.n, horizon.n_steps), "vload_demand_kw")
         self.demand_q = cp.Parameter((self.n, horizon.n_steps), name="vload_demand_kvar",
                                      value=np.zeros((self.n, horizon.n_steps)))
         return Contribution(p_kw=-self.demand, q_kvar=-self.demand_q)
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        demand = require_shape("load.demand_kw", forecast["demand_kw"], (self.members.n, self.demand.shape[1]))
+        demand = require_shape("load.demand_kw", forecast["demand_kw"], (self.members.n, self.horizon.n_base_steps))
         if np.any(demand < 0):
             raise SpecError("load.demand_kw", "consumption magnitudes must be >= 0")
-        self.member_demand = demand
+        self.member_demand_base = demand
+        demand = self.member_demand = self.horizon.coarsen(demand)
         self.demand.value = self.total(demand)
         self.demand_q.value = self.total(demand * self.members.tan_phi[:, None])
 
     def disaggregate(self) -> dict[str, np.ndarray]:
-        return {"p_kw": -self.member_demand}
+        return {"p_kw": -self.member_demand, "p_base_kw": -self.member_demand_base}
 
     def reactive_kvar(self, p_kw: np.ndarray) -> np.ndarray:
         """Reactive injection [kvar] with active injection ``p_kw`` (n, ...), at the members'
@@ -439,7 +485,7 @@ class VirtualChargerFleet(VirtualFleet):
 
     def build(self, horizon: Horizon) -> Contribution:
         n, T, K = self.n, horizon.n_steps, self.n_refs
-        self.dt_h = horizon.dt_h
+        self.horizon, self.dt_h = horizon, horizon.dt_h
         self.lam = cp.Variable((n, K), nonneg=True, name="vev_blend")
         self.refs_kw = [cp.Parameter((T, K), nonneg=True, name=f"vev_refs_kw_{v}", value=np.zeros((T, K)))
                         for v in range(n)]
@@ -455,29 +501,31 @@ class VirtualChargerFleet(VirtualFleet):
         return table, reference_schedules(table, price)
 
     def update(self, state, forecast, penalties: Penalties) -> None:
-        T = self.refs_kw[0].shape[0] if self.refs_kw else len(forecast["index"])
-        if len(forecast["index"]) != T:
-            raise SpecError("charging_station.index", f"expected {T} steps")
+        hz = self.horizon
+        if len(forecast["index"]) != hz.n_base_steps:
+            raise SpecError("charging_station.index", f"expected {hz.n_base_steps} steps")
+        # Schedules per base step; a coarse planning step takes their mean over its block.
         self.table, refs_kwh = self._schedules(state, forecast, self.dt_h)
-        self.refs_grid_kw = refs_kwh / (self.table["eff"][None, :, None] * self.dt_h)  # (K, n_s, T) at the meter
+        self.refs_grid_kw = refs_kwh / (self.table["eff"][None, :, None] * self.dt_h)  # (K, n_s, T_base) at the meter
         owner = sp.csr_matrix((np.ones(self.table["station"].size), (self.cluster[self.table["station"]],
                                                                       np.arange(self.table["station"].size))),
                               shape=(self.n, self.table["station"].size))
-        per_virtual = np.stack([owner @ r for r in self.refs_grid_kw], axis=2)  # (n, T, K)
+        per_virtual = np.stack([hz.coarsen(owner @ r) for r in self.refs_grid_kw], axis=2)  # (n, T, K)
         for v in range(self.n):
             self.refs_kw[v].value = per_virtual[v]
         unmet = self.table["need_kwh"] - refs_kwh[0].sum(axis=1)
         self.unmet_cost.value = float(penalties.ev_unmet_cny_per_kwh * np.sum(np.maximum(unmet, 0.0)))
 
     def disaggregate(self) -> dict[str, np.ndarray]:
-        """Members' power (m, T) [kW, negative] and each session's energy to the car (n_s, T) [kWh]."""
+        """Members' power per planning step (m, T) and per base step [kW, negative], and each
+        session's power at the meter per base step (n_s, T_base) [kW]."""
         lam = np.clip(self.lam.value, 0.0, None)
         lam = lam / lam.sum(axis=1, keepdims=True)
         weights = lam[self.cluster[self.table["station"]]]  # (n_s, K)
         session_kw = np.einsum("sk,kst->st", weights, self.refs_grid_kw)
-        member = np.zeros((self.members.n, session_kw.shape[1] if session_kw.size else self.refs_kw[0].shape[0]))
+        member = np.zeros((self.members.n, self.horizon.n_base_steps))
         np.add.at(member, self.table["station"], session_kw)
-        return {"p_kw": -member, "session_kw": session_kw}
+        return {"p_kw": -self.horizon.coarsen(member), "p_base_kw": -member, "session_kw": session_kw}
 
     def plan_details(self):
         return {"ev_kw": np.vstack([r.value @ l for r, l in zip(self.refs_kw, self.lam.value)])}
