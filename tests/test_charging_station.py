@@ -1,8 +1,9 @@
+import cvxpy as cp
 import numpy as np
 import pandas as pd
 import pytest
 
-from vpp.assets import parse_asset_spec
+from vpp.assets import Horizon, Penalties, parse_asset_spec
 from vpp.assets.charging_station import ChargingStationFleet
 from vpp.errors import SpecError
 
@@ -84,3 +85,31 @@ def test_plant_serves_the_least_laxity_car_first_and_at_least_the_plan():
     actual["ev_kw"] = np.array([20.0])
     _, p, extras = f.plant_step(f.initial_state(), np.array([0.0]), actual, 0.25)
     assert extras["ev_kw"][0] == pytest.approx(20.0) and p[0] == pytest.approx(-20.0)
+
+
+def test_slot_energy_is_its_share_of_its_charger_on_a_coarse_step():
+    # The per-charger parameters must give the LP of one (n_slots, T) mask, also on a
+    # coarse step that holds the end of one session and the start of the next.
+    depot = {**SPEC, "id": "depot", "slots_per_charger": 3, "battery": None, "chargers": [{"id": "ac", "rating_kw": 11}]}
+    f = ChargingStationFleet([parse_asset_spec(SPEC), parse_asset_spec(depot)])
+    horizon = Horizon.with_resolution(8, 0.25, [(0.5, 0.25), (2, 1.0)])  # steps of 1, 1, 4 and 2 quarter hours
+    contribution = f.build(horizon)
+    index = pd.date_range(ts("00:00"), periods=8, freq="15min")
+    s = sessions(("a", "hub", "dc", ts("00:00"), ts("00:45"), 20.0, 50.0),
+                 ("b", "hub", "dc", ts("01:00"), ts("03:00"), 30.0, 100.0),
+                 ("c", "hub", "ac", ts("00:15"), ts("01:30"), 5.0, 7.0),
+                 ("d", "depot", "ac", ts("00:30"), ts("02:00"), 8.0, 11.0))
+    f.update(f.initial_state(), {"index": index, "sessions": s, "pv_avail_kw": np.zeros((0, 8))}, Penalties())
+    ub = horizon.coarsen(f._slot_bounds(s, {}, index, 0.25)[0])
+    charger_ub = np.zeros((f.n_chargers, horizon.n_steps))
+    np.add.at(charger_ub, f.slot_ch, ub)
+    mask = np.divide(ub, charger_ub[f.slot_ch], out=np.zeros_like(ub), where=charger_ub[f.slot_ch] > 0)
+    assert np.sum((mask > 0) & (mask < 1)) == 2  # "a" and "b" share the hour-long step on "dc"
+    cost = 0.5 * cp.sum(-contribution.p_kw) + sum(contribution.costs_cny.values())
+    cp.Problem(cp.Minimize(cost), contribution.constraints).solve(solver=cp.HIGHS)
+    expected_kwh = f.slot_eff * ((mask * f.charger_p.value[f.slot_ch]) @ horizon.step_h)
+    np.testing.assert_allclose(f.slot_car_kwh.value, expected_kwh, atol=1e-9)
+    report = f.session_report().set_index("session_id")
+    slot = [f.slot_sessions.index(sid) for sid in report.index]
+    np.testing.assert_allclose(report["planned_kwh"], expected_kwh[slot], atol=1e-9)
+    assert report.loc["c", "planned_kwh"] + report.loc["c", "unmet_kwh"] == pytest.approx(5.0, abs=1e-6)

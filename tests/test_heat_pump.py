@@ -1,8 +1,9 @@
+import cvxpy as cp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vpp.assets import Horizon, parse_asset_spec
+from vpp.assets import Horizon, Penalties, parse_asset_spec
 from vpp.assets.heat_pump import HeatPumpFleet, carnot_cop
 
 SPEC = {"id": "hp", "kind": "heat_pump", "bus": "bus3", "p_el_max_kw": 20, "store_kwh_th": 100,
@@ -51,3 +52,22 @@ def test_fallback_meets_demand_when_it_can():
     for t in range(T):
         e = e * (1 - 0.01 * 0.25) + (4.0 * -p[0, t] - 40.0) * 0.25
         assert e >= -1e-9
+
+
+def test_plan_follows_each_heat_pumps_own_cop():
+    # One COP parameter per heat pump: each row of the plan must use its own COP row.
+    f = HeatPumpFleet([parse_asset_spec(SPEC), parse_asset_spec({**SPEC, "id": "hp2", "store_kwh_th": 50})])
+    horizon = Horizon.with_resolution(8, 0.25, [(1, 0.25), (2, 0.5)])
+    contribution = f.build(horizon)
+    cop = np.array([[3.0, 3.2, 3.4, 3.6, 3.8, 4.0, 4.2, 4.4], [2.0, 2.0, 2.5, 2.5, 5.0, 5.0, 6.0, 6.0]])
+    heat = np.full((2, 8), 30.0)
+    f.update(f.initial_state(), {"cop": cop, "heat_kw_th": heat}, Penalties())
+    cost = cp.sum(-contribution.p_kw) + sum(contribution.costs_cny.values())
+    cp.Problem(cp.Minimize(cost), contribution.constraints).solve(solver=cp.HIGHS)
+    e, p_el = f.e.value, f.p_el.value
+    keep = 1.0 - horizon.per_step(f.loss_per_h)
+    heat_out = horizon.coarsen(cop) * p_el
+    np.testing.assert_allclose(e[:, 1:], keep * e[:, :-1] + (heat_out - horizon.coarsen(heat)) * horizon.step_h,
+                               atol=1e-6)
+    # Cheapest heat where the COP is highest: the second unit runs hardest in its last steps.
+    assert p_el[1, -1] > p_el[1, 0]

@@ -89,6 +89,8 @@ class ChargingStationFleet(Fleet):
         self.import_limit_kw = self.column("import_limit_kw")
         self.export_limit_kw = self.column("export_limit_kw")
         self.slot_sessions: list[str | None] = [None] * self.n_slots
+        # Slots are numbered charger by charger: charger c holds slots first[c]:first[c + 1].
+        self.charger_first_slot = np.searchsorted(self.slot_ch, np.arange(self.n_chargers + 1))
 
     def _owner_matrix(self, owners: np.ndarray) -> np.ndarray:
         m = np.zeros((self.n, len(owners)))
@@ -113,19 +115,23 @@ class ChargingStationFleet(Fleet):
         self.pv_avail = nonneg_param((self.pv_owner.size, T), "station_pv_avail_kw")
         self.pv_p = cp.Variable((self.pv_owner.size, T), nonneg=True, name="station_pv_p_kw")
         self.charger_ub = nonneg_param((self.n_chargers, T), "station_charger_ub_kw")
-        self.slot_mask = nonneg_param((self.n_slots, T), "station_slot_mask")
+        # Per step, the energy each slot's car gets per kW of its charger's power [kWh/kW]: the
+        # slot's share of the charger in that step (zero while its car is away) times the step
+        # length and the charger efficiency.  One small parameter per charger: cvxpy's DPP
+        # compile of a variable times one (n_slots, T) parameter grows with the square of its size.
+        first = self.charger_first_slot
+        self.slot_kwh_per_kw = [nonneg_param((first[c + 1] - first[c], T), f"station_slot_kwh_per_kw_{c}")
+                                for c in range(self.n_chargers)]
         self.ev_req = nonneg_param((self.n_slots,), "station_ev_req_kwh")
         self.unmet_price = cp.Parameter(nonneg=True, name="station_unmet_price", value=0.0)
         self.charger_p = cp.Variable((self.n_chargers, T), nonneg=True, name="station_charger_p_kw")
         self.ev_unmet = cp.Variable(self.n_slots, nonneg=True, name="station_ev_unmet_kwh")
-        slot_of_charger = np.zeros((self.n_slots, self.n_chargers))
-        slot_of_charger[np.arange(self.n_slots), self.slot_ch] = 1.0
-        # Each slot's charger power, counted only while its car is plugged in.
-        self.slot_p = cp.multiply(self.slot_mask, slot_of_charger @ self.charger_p)
+        # Energy into each slot's car over the horizon, slots in order.
+        self.slot_car_kwh = cp.hstack([w @ self.charger_p[c] for c, w in enumerate(self.slot_kwh_per_kw)])
         constraints = [
             self.pv_p <= self.pv_avail,
             self.charger_p <= self.charger_ub,
-            cp.multiply(self.slot_eff, self.slot_p @ horizon.step_h) + self.ev_unmet >= self.ev_req,
+            self.slot_car_kwh + self.ev_unmet >= self.ev_req,
         ]
         self.ev_total = self._owner_matrix(self.charger_station) @ self.charger_p
         p = -self.ev_total
@@ -210,7 +216,11 @@ class ChargingStationFleet(Fleet):
         charger_ub = np.zeros((self.n_chargers, ub.shape[1]))
         np.add.at(charger_ub, self.slot_ch, ub)
         share = np.divide(ub, charger_ub[self.slot_ch], out=np.zeros_like(ub), where=charger_ub[self.slot_ch] > 0)
-        self.charger_ub.value, self.slot_mask.value = charger_ub, share
+        self.charger_ub.value = charger_ub
+        kwh_per_kw = share * horizon.step_h * self.slot_eff[:, None]
+        first = self.charger_first_slot
+        for c, param in enumerate(self.slot_kwh_per_kw):
+            param.value = kwh_per_kw[first[c]:first[c + 1]]
         self.ev_req.value, self.slot_sessions = req, names
         self.pv_avail.value = np.clip(horizon.coarsen(require_shape(
             "charging_station.pv_avail_kw", forecast["pv_avail_kw"], (self.pv_owner.size, horizon.n_base_steps))), 0, None)
@@ -260,7 +270,7 @@ class ChargingStationFleet(Fleet):
             rows.append({
                 "station_id": self.ids[self.slot_station[k]], "charger_id": self.slot_charger[k], "session_id": sid,
                 "requested_kwh": float(self.ev_req.value[k]),
-                "planned_kwh": float(self.slot_p.value[k] @ self.horizon.step_h * self.slot_eff[k]),
+                "planned_kwh": float(self.slot_car_kwh.value[k]),
                 "unmet_kwh": float(max(self.ev_unmet.value[k], 0.0)),
             })
         return pd.DataFrame(rows, columns=["station_id", "charger_id", "session_id", "requested_kwh", "planned_kwh",

@@ -89,7 +89,9 @@ class HeatPumpFleet(Fleet):
         n, T = self.n, horizon.n_steps
         self.horizon = horizon
         dt = np.broadcast_to(horizon.step_h, (n, T))
-        self.cop_param = nonneg_param((n, T), "hp_cop")
+        # One small COP parameter per heat pump: cvxpy's DPP compile of a product of a
+        # variable with one large (n, T) parameter grows with the square of its size.
+        self.cop_params = [nonneg_param((T,), f"hp_cop_{i}") for i in range(n)]
         self.heat_demand = nonneg_param((n, T), "hp_heat_demand_kw_th")
         self.e0 = cp.Parameter(n, name="hp_e0_kwh_th", value=np.zeros(n))
         self.e_end = cp.Parameter(n, name="hp_e_end_kwh_th", value=np.zeros(n))
@@ -98,12 +100,13 @@ class HeatPumpFleet(Fleet):
         self.e = cp.Variable((n, T + 1), name="hp_e_th_kwh")
         self.shortfall = cp.Variable((n, T), nonneg=True, name="hp_shortfall_kwh_th")
         self.end_shortfall = cp.Variable(n, nonneg=True, name="hp_end_shortfall_kwh_th")
+        heat_out_kw_th = cp.vstack([cp.multiply(cop, self.p_el[i]) for i, cop in enumerate(self.cop_params)])
         keep = 1.0 - horizon.per_step(self.loss_per_h)
         constraints = [
             self.p_el >= steps_array(self.p_min_kw, T),
             self.p_el <= steps_array(self.p_max_kw, T),
             self.e[:, 0] == self.e0,
-            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + cp.multiply(dt, cp.multiply(self.cop_param, self.p_el) - self.heat_demand),
+            self.e[:, 1:] == cp.multiply(keep, self.e[:, :-1]) + cp.multiply(dt, heat_out_kw_th - self.heat_demand),
             self.e[:, 1:] <= steps_array(self.cap_kwh, T),
             self.e[:, 1:] + self.shortfall >= 0,
             self.e[:, T] + self.end_shortfall >= self.e_end,
@@ -116,7 +119,8 @@ class HeatPumpFleet(Fleet):
         base = (self.n, self.horizon.n_base_steps)
         cop = require_shape("heat_pump.cop", forecast["cop"], base)
         heat = require_shape("heat_pump.heat_kw_th", forecast["heat_kw_th"], base)
-        self.cop_param.value = self.horizon.coarsen(cop)
+        for param, row in zip(self.cop_params, self.horizon.coarsen(cop)):
+            param.value = row
         self.heat_demand.value = np.clip(self.horizon.coarsen(heat), 0, None)
         e0 = np.minimum(require_shape("heat_pump.e_th_kwh", state["e_th_kwh"], (self.n,)), self.cap_kwh)
         self.e0.value = e0
