@@ -17,8 +17,8 @@ Linear grid model (around zero asset injection, corrected by the AC check)::
 The polygon has vertices at 0, 20, 40, 65 and 90 degrees, so a purely active flow may use
 the full rating and no point of it exceeds the circle (it gives up at most 2.4 % of the
 rating between vertices).  Each facet is stated for the four sign combinations of
-(pflow, qflow), directly on the assets' variables, so a row whose limit is relaxed is
-switched off by zeroing its coefficients (a 0/1 parameter) and costs the solver nothing.
+(pflow, qflow).  A relaxed row is switched off by zeroing its coefficients (a 0/1
+parameter per row, or per step on large networks) and costs the solver nothing.
 
 Lazy grid rows: most steps are nowhere near a grid limit, yet the grid rows make up most
 of the LP.  Every grid row (branch group or watched bus, per step) is therefore *active*
@@ -170,6 +170,8 @@ class DispatchProblem:
         self.active_flow = np.zeros((self.group_rep.size, T), bool)
         self.active_vm = np.zeros((asset_buses.size, T), bool)
         self.vm_corr_pu = np.zeros((asset_buses.size, T))
+        # 1 while a step has an active grid row, 0 when all its rows are relaxed.
+        self.step_on = [cp.Parameter(nonneg=True, name=f"grid_step_on_{t}", value=1.0) for t in range(T)]
 
         constraints: list = []
         costs: dict[str, cp.Expression] = {}
@@ -241,9 +243,6 @@ class DispatchProblem:
             "v_min": cp.Parameter((n_w, T), name="v_min_pu", value=np.zeros((n_w, T))),
             "v_max": cp.Parameter((n_w, T), name="v_max_pu", value=np.zeros((n_w, T))),
             "flow_cap": cp.Parameter((n_b, T), nonneg=True, name="flow_cap_kw", value=np.zeros((n_b, T))),
-            # 1 where a grid row is active, 0 where it is relaxed (its coefficients vanish).
-            "vm_on": cp.Parameter((n_w, T), nonneg=True, name="vm_row_on", value=np.ones((n_w, T))),
-            "flow_on": cp.Parameter((n_b, T), nonneg=True, name="flow_row_on", value=np.ones((n_b, T))),
         }
         p = self.p
         self.imp = cp.Variable(T, nonneg=True, name="import_kw")
@@ -279,8 +278,8 @@ class DispatchProblem:
             if not sparse_rows:
                 constraints.append(vm == vm_lin)
             band = 0.0 if not elastic else np.ones((n_w, 1)) @ cp.reshape(excess_pu, (1, T), order="C")
-            constraints += [cp.multiply(p["vm_on"], vm) >= p["v_min"] - band,
-                            cp.multiply(p["vm_on"], vm) <= p["v_max"] + band]
+            vm_on = self._switched(vm, "vm_on")
+            constraints += [vm_on >= p["v_min"] - band, vm_on <= p["v_max"] + band]
         if n_b:
             pflow = flow_lin if sparse_rows else cp.Variable((n_b, T), name="branch_p_kw")
             qflow = qflow_lin
@@ -290,7 +289,9 @@ class DispatchProblem:
                     qflow = cp.Variable((n_b, T), name="branch_q_kvar")
                     constraints.append(qflow == qflow_lin)
             room = 0.0 if not elastic else np.ones((n_b, 1)) @ cp.reshape(excess_kw, (1, T), order="C")
-            constraints += self._branch_capability(pflow, qflow, p["flow_cap"], p["flow_on"], room)
+            constraints += self._branch_capability(self._switched(pflow, "flow_on"),
+                                                   self._switched(qflow, "flow_on") if isinstance(qflow, cp.Expression)
+                                                   else qflow, p["flow_cap"], room)
         self.costs = {
             "energy": cp.sum(cp.multiply(cp.multiply(step_h, p["buy"]), self.imp)
                              - cp.multiply(cp.multiply(step_h, p["sell"]), self.exp)),
@@ -345,7 +346,6 @@ class DispatchProblem:
         """
         lin, sens, rep = self.park.grid.sparse_model(), self.sens, self.group_rep
         nb, n_w = injection_buses.size, watched.size
-        self.step_on = [cp.Parameter(nonneg=True, name=f"grid_step_on_{t}", value=1.0) for t in range(T)]
         vm = cp.Variable((n_w, T), name="vm_lin_pu") if n_w else 0
         pflow = cp.Variable((rep.size, T), name="branch_p_kw") if rep.size else 0
         qflow = cp.Variable((rep.size, T), name="branch_q_kvar") if rep.size and q_bus is not None else 0
@@ -397,20 +397,34 @@ class DispatchProblem:
         self._step_rows = rows
         return vm, pflow, qflow
 
+    def _switched(self, x: cp.Expression, name: str) -> cp.Expression:
+        """``x`` (rows, n_steps) times a 0/1 switch, so that switched-off grid rows are empty
+        and presolve drops them at once.
+
+        The dense form switches each row (a (rows, n_steps) parameter ``name``); the
+        sparse form, for large networks, each step (``step_on``): cvxpy's compile of an
+        elementwise product with one large parameter grows with the square of its size
+        (about 1 GiB at 113 x 96), one scalar parameter per step does not.  A relaxed row
+        in a switched-on step has a limit it cannot reach."""
+        if self.grid_form != "sparse":
+            self.p[name] = self.p.get(name) or cp.Parameter(x.shape, nonneg=True, name=name, value=np.ones(x.shape))
+            return cp.multiply(self.p[name], x)
+        return cp.vstack([self.step_on[t] * x[:, t] for t in range(x.shape[1])]).T
+
     @staticmethod
-    def _branch_capability(pflow, qflow, s_cap, on, room=0.0) -> list:
+    def _branch_capability(pflow, qflow, s_cap, room=0.0) -> list:
         """(pflow, qflow) within the inscribed polygon of radius ``s_cap`` (see module doc)."""
         facets = _polygon_facets()
         if not isinstance(qflow, cp.Expression):
             # Without reactive flow only the facet nearest the P axis can bind.
             c, _, h = facets[0]
             cap = h / c * s_cap
-            return [cp.multiply(on, pflow) <= cap + room, cp.multiply(on, -pflow) <= cap + room]
+            return [pflow <= cap + room, -pflow <= cap + room]
         constraints = []
         for c, s, h in facets:
             for sp in (1.0, -1.0):
                 for sq in (1.0, -1.0):
-                    constraints.append(cp.multiply(on, sp * c * pflow + sq * s * qflow) <= h * s_cap + room)
+                    constraints.append(sp * c * pflow + sq * s * qflow <= h * s_cap + room)
         return constraints
 
     @staticmethod
@@ -569,7 +583,8 @@ class DispatchProblem:
     def _set_flow_cap(self) -> None:
         self.flow_cap_kva = self._group_capacity_kva() * self.flow_scale
         self.p["flow_cap"].value = np.where(self.active_flow, self.flow_cap_kva, _RELAXED_KVA)
-        self.p["flow_on"].value = self.active_flow.astype(float)
+        if "flow_on" in self.p:
+            self.p["flow_on"].value = self.active_flow.astype(float)
         self._set_steps_on()
 
     def _set_voltage_band(self) -> None:
@@ -577,15 +592,18 @@ class DispatchProblem:
         model's), or a band no voltage can leave where the row is relaxed."""
         self.p["v_min"].value = np.where(self.active_vm, self.v_min_pu - self.vm_corr_pu, -_RELAXED_PU)
         self.p["v_max"].value = np.where(self.active_vm, self.v_max_pu - self.vm_corr_pu, _RELAXED_PU)
-        self.p["vm_on"].value = self.active_vm.astype(float)
+        if "vm_on" in self.p:
+            self.p["vm_on"].value = self.active_vm.astype(float)
         self._set_steps_on()
 
     def _set_steps_on(self) -> None:
-        """Sparse grid rows: a step's network equations are in the LP while one of its rows is active."""
-        if self.grid_form == "sparse":
-            on = self.active_vm.any(axis=0) | self.active_flow.any(axis=0)
-            for t, param in enumerate(self.step_on):
-                param.value = float(on[t])
+        """Sparse form: a step's grid rows and network equations are in the LP while one
+        of its rows is active."""
+        if self.grid_form != "sparse":
+            return
+        on = self.active_vm.any(axis=0) | self.active_flow.any(axis=0)
+        for t, param in enumerate(self.step_on):
+            param.value = float(on[t])
 
     # --- lazy grid rows --------------------------------------------------------------------------
 
