@@ -321,12 +321,13 @@ def test_sparse_model_is_the_dense_sensitivities(name, request):
         np.testing.assert_allclose(lin.branch_sign * d[lin.branch_bus], sens.branch_p_per_kw @ p[t], rtol=0, atol=1e-9)
         # The path form of the voltages, where it holds: the dense model to 1e-4 of its
         # largest change (an unloaded base point); the Jacobian form serves the others.
-        assert (lin.vm_path_p is None) == (name == "kerber_loaded")
-        if lin.vm_path_p is None:
+        assert (lin.vm_step_p is None) == (name == "kerber_loaded")
+        if lin.vm_step_p is None:
             continue
         below_q = np.zeros(lin.n_internal)
         np.add.at(below_q, lin.internal_bus, q[t])
-        path = lin.vm_path_p @ d + lin.vm_path_q @ spla.spsolve(lin.subtree.tocsc(), below_q)
+        dq = spla.spsolve(lin.subtree.tocsc(), below_q)
+        path = spla.spsolve(lin.subtree.T.tocsc(), lin.vm_step_p * d + lin.vm_step_q * dq)[lin.internal_bus]
         np.testing.assert_allclose(path, dense, rtol=0, atol=1e-4 * np.abs(dense).max())
     assert (lin.subtree is None) == (name == "mesh")
 

@@ -161,6 +161,11 @@ class SparseLinearGrid:
         that of every bus further from the slack.  None for meshed networks.
     branch_bus, branch_sign : ndarray or None, shape (n_branch,)
         Radial networks: the flow factor of each branch is ``branch_sign * d[branch_bus]``.
+    vm_step_p, vm_step_q : ndarray or None, shape (n_internal,)
+        Radial networks with an unloaded base point: ``subtree.T @ v = vm_step_p * d +
+        vm_step_q * d_q`` gives each internal bus's voltage change v [pu] (each bus's
+        change is its parent's plus its step times the power below it).  None where
+        that does not match the dense sensitivities to ``PATH_TOL``.
     """
 
     jacobian_kw: sp.csr_matrix
@@ -171,8 +176,8 @@ class SparseLinearGrid:
     subtree: sp.csr_matrix | None
     branch_bus: np.ndarray | None
     branch_sign: np.ndarray | None
-    vm_path_p: sp.csr_matrix | None = None
-    vm_path_q: sp.csr_matrix | None = None
+    vm_step_p: np.ndarray | None = None
+    vm_step_q: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -432,12 +437,15 @@ class GridModel:
                 jacobian_kw=(self._j0 * (1000.0 * self._base_mva / SPARSE_X_SCALE)).tocsr(), n_pq=m,
                 pq_row=pq_of[self._pos], internal_bus=self._pos.copy(), n_internal=n_int,
                 subtree=subtree, branch_bus=branch_bus, branch_sign=branch_sign,
-                vm_path_p=None if below is None else below[0], vm_path_q=None if below is None else below[1])
+                vm_step_p=None if below is None else below[0], vm_step_q=None if below is None else below[1])
         return self._sparse
 
     def _voltage_path(self, upper: np.ndarray, lower: np.ndarray):
-        """Radial networks: voltage change at each bus as a sum over the branches on its path
-        to the slack of (step along the branch) x (power below it), per kW and per kvar.
+        """Radial networks: each internal bus's voltage step from its parent per kW (kvar)
+        of power below it, or None where that model does not hold.
+
+        The voltage change at a bus is the sum over the branches on its path to the
+        slack of (step along the branch) x (power below it).
 
         On a radial network the sensitivity of bus b to an injection at bus j depends,
         to within a few 1e-4 of its size, only on where their paths to the slack part:
@@ -451,11 +459,12 @@ class GridModel:
         rep[self._pos] = np.arange(self.n_buses)           # a bus-order position per internal bus
         parent = np.full(n_int, -1)
         parent[lower] = upper
-        out = []
+        out, steps = [], []
         for dense in (sens.dvm_dp_pu_per_kw, sens.dvm_dq_pu_per_kvar):
             phi = np.where(rep >= 0, dense[np.maximum(rep, 0), np.maximum(rep, 0)], 0.0)
             phi[ref] = 0.0
             step = phi - np.where(parent >= 0, phi[np.maximum(parent, 0)], 0.0)
+            steps.append(step)
             rows, cols, vals = [], [], []
             for b in range(self.n_buses):
                 k = self._pos[b]
@@ -472,7 +481,7 @@ class GridModel:
         for path, dense in zip(out, (sens.dvm_dp_pu_per_kw, sens.dvm_dq_pu_per_kvar)):
             if np.abs(path @ below_per_kw - dense).max() > PATH_TOL * np.abs(dense).max():
                 return None
-        return out
+        return steps
 
     def _flow_factors(self) -> np.ndarray:
         """Flow away from the slack per unit injection at each internal bus.

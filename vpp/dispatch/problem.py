@@ -331,8 +331,8 @@ class DispatchProblem:
         structure, step by step.
 
         Radial networks: per step, ``(I - C) d = injections`` gives the power below every
-        bus, each branch carries its lower bus's d, and a bus's voltage moves by the sum
-        over its path to the slack of each step's coefficient times the power below it
+        bus, each branch carries its lower bus's d, and a bus's voltage moves by its
+        parent's plus its own step times the power below it, ``(I - C)^T v = step * d``
         (:meth:`~vpp.dispatch.grid.GridModel.sparse_model`; the dense sensitivities to
         ``PATH_TOL`` of their size; checked when the model is built).  Otherwise (a loaded
         base point, a meshed network) the voltages come from ``J0 x = injections`` for the
@@ -362,6 +362,15 @@ class DispatchProblem:
                                    shape=(rep.size, lin.n_internal))
             below = cp.Variable((lin.n_internal, T), name="grid_p_below_kw")
             below_q = cp.Variable((lin.n_internal, T), name="grid_q_below_kvar") if q_bus is not None else None
+            path = n_w > 0 and lin.vm_step_p is not None
+            if path:
+                # Voltage change per internal bus [milli-pu]: its parent's plus its step.
+                dv = cp.Variable((lin.n_internal, T), name="grid_dv_mpu")
+                up = lin.subtree.T.tocsr()
+                step_p = sp.diags(lin.vm_step_p * SPARSE_X_SCALE)
+                step_q = sp.diags(lin.vm_step_q * SPARSE_X_SCALE)
+                pick = sp.csr_matrix((np.full(n_w, 1.0 / SPARSE_X_SCALE), (np.arange(n_w), lin.internal_bus[watched])),
+                                     shape=(n_w, lin.n_internal))
             for t in range(T):
                 rows.append(self.step_on[t] * (lin.subtree @ below[:, t] - to_int @ p_bus[:, t]) == 0)
                 if below_q is not None:
@@ -370,12 +379,11 @@ class DispatchProblem:
                     define(t, pflow, branch @ below[:, t])
                     if below_q is not None:
                         define(t, qflow, branch @ below_q[:, t])
-                if n_w and lin.vm_path_p is not None:
-                    path = lin.vm_path_p[watched] @ below[:, t]
-                    if below_q is not None:
-                        path = path + lin.vm_path_q[watched] @ below_q[:, t]
-                    define(t, vm, vm0 + path)
-        if n_w and (lin.subtree is None or lin.vm_path_p is None):
+                if path:
+                    drop = step_p @ below[:, t] + (step_q @ below_q[:, t] if below_q is not None else 0)
+                    rows.append(self.step_on[t] * (up @ dv[:, t] - drop) == 0)
+                    define(t, vm, vm0 + pick @ dv[:, t])
+        if n_w and (lin.subtree is None or lin.vm_step_p is None):
             m = lin.n_pq
             rows_pq = lin.pq_row[injection_buses]
             on_pq = np.flatnonzero(rows_pq >= 0)
