@@ -415,7 +415,8 @@ class DispatchProblem:
         (about 1 GiB at 113 x 96), one scalar parameter per step does not.  A relaxed row
         in a switched-on step has a limit it cannot reach."""
         if self.grid_form != "sparse":
-            self.p[name] = self.p.get(name) or cp.Parameter(x.shape, nonneg=True, name=name, value=np.ones(x.shape))
+            if name not in self.p:
+                self.p[name] = cp.Parameter(x.shape, nonneg=True, name=name, value=np.ones(x.shape))
             return cp.multiply(self.p[name], x)
         return cp.vstack([self.step_on[t] * x[:, t] for t in range(x.shape[1])]).T
 
