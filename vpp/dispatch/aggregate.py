@@ -139,9 +139,7 @@ def aggregate_park(park, group_by: str = "bus"):
     """The park with one virtual asset per cluster in place of its assets."""
     fleets, asset_bus = {}, {}
     for kind, (cluster, ids, group) in cluster_assets(park, group_by).items():
-        fleet = VIRTUAL_FLEETS[kind]
-        fleets[kind] = fleet(park.fleets[kind], cluster, ids, group) if kind in _GROUPED_KINDS else \
-            fleet(park.fleets[kind], cluster, ids)
+        fleets[kind] = VIRTUAL_FLEETS[kind](park.fleets[kind], cluster, ids, group)
         buses = park.bus_positions(kind)
         for row, vid in enumerate(ids):
             asset_bus[vid] = int(buses[np.flatnonzero(cluster == row)[0]])
@@ -194,7 +192,6 @@ class AggregateDispatcher:
         virtual asset, members of a cluster that do not share their dynamics, or an
         unknown ``group_by``."""
         self.park = park
-        self.group_by = group_by
         self.virtual_park = aggregate_park(park, group_by)
         self.dispatcher = Dispatcher(self.virtual_park)
 
@@ -215,13 +212,13 @@ class AggregateDispatcher:
         t0 = time.perf_counter()
         p_kw, details, mismatch = {}, {}, 0.0
         hz = problem.horizon
+        base = Horizon(hz.n_base_steps, hz.dt_h)  # members' own fallbacks plan every base step
         for kind, fleet in problem.fleets.items():
             if virtual.ok:
                 parts = fleet.disaggregate()
                 planned = problem.contributions[kind].p_kw.value
             else:
                 member = self.park.fleets[kind]
-                base = Horizon(hz.n_base_steps, hz.dt_h)
                 parts = {"p_kw": member.fallback_kw(state[kind], inputs.forecasts.get(kind, {}), base)}
                 parts["p_base_kw"] = parts["p_kw"]
                 planned = virtual.p_kw[fleet.ids].to_numpy().T

@@ -150,9 +150,7 @@ class Dispatcher:
             elastic = self._elastic
             elastic.update(inputs, state)
             # Start from the firm problem's grid corrections, which describe this network state.
-            elastic.p["losses"].value = firm.p["losses"].value
-            elastic.vm_corr_pu = firm.vm_corr_pu.copy()
-            elastic._set_voltage_band()
+            elastic.adopt_corrections(firm)
             self.problem = elastic
             failure_elastic = self._solve(remaining_s)
             if failure_elastic:

@@ -420,67 +420,61 @@ class GridModel:
             pq_of = np.full(n_int, -1)
             pq_of[self._pq] = np.arange(m)
             f, t, ref = self._f_all, self._t_all, self._ref
-            below = subtree = branch_bus = branch_sign = None
+            steps = subtree = branch_bus = branch_sign = None
             if len(f) == n_int - 1:
                 adj = sp.csr_matrix((np.ones(len(f)), (f, t)), shape=(n_int, n_int))
                 hops = shortest_path(adj, directed=False, unweighted=True, indices=ref)
                 if np.all(np.isfinite(hops)):
-                    upper, lower = np.where(hops[f] <= hops[t], f, t), np.where(hops[f] <= hops[t], t, f)
+                    f_is_upper = hops[f] <= hops[t]
+                    upper, lower = np.where(f_is_upper, f, t), np.where(f_is_upper, t, f)
                     subtree = (sp.eye(n_int, format="csr")
                                - sp.csr_matrix((np.ones(len(f)), (upper, lower)), shape=(n_int, n_int))).tocsr()
-                    factors = self._flow_factors()
-                    lower_of = lower[self._br_rows]
-                    branch_bus = lower_of
-                    branch_sign = factors[np.arange(len(lower_of)), lower_of]
-                    below = self._voltage_path(upper, lower)
+                    # Each branch's flow factor at its lower bus, read off the (cached) dense factors.
+                    rep = self._bus_of_internal()
+                    branch_bus = lower[self._br_rows]
+                    branch_sign = self.sensitivities().branch_p_per_kw[np.arange(len(branch_bus)), rep[branch_bus]]
+                    steps = self._voltage_steps(upper, lower, subtree)
             self._sparse = SparseLinearGrid(
                 jacobian_kw=(self._j0 * (1000.0 * self._base_mva / SPARSE_X_SCALE)).tocsr(), n_pq=m,
                 pq_row=pq_of[self._pos], internal_bus=self._pos.copy(), n_internal=n_int,
                 subtree=subtree, branch_bus=branch_bus, branch_sign=branch_sign,
-                vm_step_p=None if below is None else below[0], vm_step_q=None if below is None else below[1])
+                vm_step_p=None if steps is None else steps[0], vm_step_q=None if steps is None else steps[1])
         return self._sparse
 
-    def _voltage_path(self, upper: np.ndarray, lower: np.ndarray):
+    def _bus_of_internal(self) -> np.ndarray:
+        """A bus-order position per internal bus (-1 for none)."""
+        rep = np.full(len(self._V0), -1)
+        rep[self._pos] = np.arange(self.n_buses)
+        return rep
+
+    def _voltage_steps(self, upper: np.ndarray, lower: np.ndarray, subtree: sp.csr_matrix):
         """Radial networks: each internal bus's voltage step from its parent per kW (kvar)
         of power below it, or None where that model does not hold.
 
-        The voltage change at a bus is the sum over the branches on its path to the
-        slack of (step along the branch) x (power below it).
-
         On a radial network the sensitivity of bus b to an injection at bus j depends,
         to within a few 1e-4 of its size, only on where their paths to the slack part:
-        ``dvm[b, j] = phi(lca(b, j))`` with phi a bus's own sensitivity.  Summing phi's
-        steps along b's path, each times the power below that step, gives that model with
-        one coefficient per branch on the path instead of one per bus of the network.
+        ``dvm[b, j] = phi(lca(b, j))`` with phi a bus's own sensitivity.  A bus's voltage
+        change is then its parent's plus (phi(bus) - phi(parent)) times the power below it:
+        one coefficient per bus instead of one per bus of the network.
         """
         n_int, ref = len(self._V0), self._ref
         sens = self.sensitivities()
-        rep = np.full(n_int, -1)
-        rep[self._pos] = np.arange(self.n_buses)           # a bus-order position per internal bus
+        rep = self._bus_of_internal()
         parent = np.full(n_int, -1)
         parent[lower] = upper
-        out, steps = [], []
+        to_int = sp.csr_matrix((np.ones(self.n_buses), (self._pos, np.arange(self.n_buses))), shape=(n_int, self.n_buses))
+        below_per_kw = spla.spsolve(subtree.tocsc(), to_int.toarray())
+        steps = []
         for dense in (sens.dvm_dp_pu_per_kw, sens.dvm_dq_pu_per_kvar):
             phi = np.where(rep >= 0, dense[np.maximum(rep, 0), np.maximum(rep, 0)], 0.0)
             phi[ref] = 0.0
             step = phi - np.where(parent >= 0, phi[np.maximum(parent, 0)], 0.0)
-            steps.append(step)
-            rows, cols, vals = [], [], []
-            for b in range(self.n_buses):
-                k = self._pos[b]
-                while k != ref and k >= 0:
-                    rows.append(b), cols.append(k), vals.append(step[k])
-                    k = parent[k]
-            out.append(sp.csr_matrix((vals, (rows, cols)), shape=(self.n_buses, n_int)))
-        # A loaded base point breaks the property (angles couple the paths): then None,
-        # and the voltages go through the Jacobian instead.
-        subtree = sp.eye(n_int, format="csc") - sp.csr_matrix((np.ones(len(lower)), (upper, lower)),
-                                                              shape=(n_int, n_int)).tocsc()
-        to_int = sp.csr_matrix((np.ones(self.n_buses), (self._pos, np.arange(self.n_buses))), shape=(n_int, self.n_buses))
-        below_per_kw = spla.spsolve(subtree, to_int.toarray())
-        for path, dense in zip(out, (sens.dvm_dp_pu_per_kw, sens.dvm_dq_pu_per_kvar)):
-            if np.abs(path @ below_per_kw - dense).max() > PATH_TOL * np.abs(dense).max():
+            # A loaded base point breaks the property (angles couple the paths): then None,
+            # and the voltages go through the Jacobian instead.
+            model = spla.spsolve(subtree.T.tocsc(), step[:, None] * below_per_kw)[self._pos]
+            if np.abs(model - dense).max() > PATH_TOL * np.abs(dense).max():
                 return None
+            steps.append(step)
         return steps
 
     def _flow_factors(self) -> np.ndarray:

@@ -319,12 +319,14 @@ class DispatchProblem:
         choice = self.park.settings.grid_model
         if choice != "auto":
             return choice == "sparse"
-        lin = self.park.grid.sparse_model()
         dense_nnz = (watched.size + self.group_rep.size) * injection_buses.size
+        if dense_nnz <= _DENSE_GRID_MAX_NNZ:
+            return False  # no need to build the sparse model to compare
+        lin = self.park.grid.sparse_model()
         sparse_nnz = (lin.jacobian_kw.nnz + 2 * injection_buses.size + watched.size
                       + (lin.subtree.nnz + self.group_rep.size if lin.subtree is not None
                          else self.group_rep.size * injection_buses.size))
-        return dense_nnz > _DENSE_GRID_MAX_NNZ and dense_nnz > _SPARSE_GRID_FACTOR * sparse_nnz
+        return dense_nnz > _SPARSE_GRID_FACTOR * sparse_nnz
 
     def _sparse_grid_rows(self, injection_buses, watched, p_bus, q_bus, T: int):
         """Linear voltages and branch flows as variables defined through the network's own
@@ -613,6 +615,12 @@ class DispatchProblem:
         on = self.active_vm.any(axis=0) | self.active_flow.any(axis=0)
         for t, param in enumerate(self.step_on):
             param.value = float(on[t])
+
+    def adopt_corrections(self, other: "DispatchProblem") -> None:
+        """Take another problem's grid corrections (voltages, losses) for this cycle."""
+        self.p["losses"].value = other.p["losses"].value
+        self.vm_corr_pu = other.vm_corr_pu.copy()
+        self._set_voltage_band()
 
     # --- lazy grid rows --------------------------------------------------------------------------
 

@@ -476,8 +476,8 @@ class VirtualChargerFleet(VirtualFleet):
     kind = "charging_station"
     n_refs = 6
 
-    def __init__(self, members, cluster, ids):
-        super().__init__(members, cluster, ids)
+    def __init__(self, members, cluster, ids, group=None):
+        super().__init__(members, cluster, ids, group)
         for spec in members.specs:
             if spec.pv is not None or spec.battery is not None or sum(c.rating_kw for c in spec.chargers) > spec.import_limit_kw:
                 raise SpecError(f"aggregate.charging_station[{spec.id}]", "only stations of chargers alone, within "
