@@ -1,7 +1,7 @@
 """Dispatch at portfolio scale: the aggregate (virtual-asset) method against the monolithic LP.
 
     .venv/bin/python bench/bench_portfolio.py [--parts compare large ac] [--sizes 100 300 1000]
-        [--group-by bus feeder] [--large 10000] [--large-feeder 30 4 6] [--large-group-by feeder]
+        [--group-by bus feeder] [--large 10000] [--large-feeder 30 4 6 6] [--large-group-by feeder]
         [--large-horizon coarse] [--cycles 3] [--seed 1] [--start 2025-01-15]
 
 Parts (each seeded, so two runs build the same portfolios):
@@ -13,8 +13,9 @@ Parts (each seeded, so two runs build the same portfolios):
              limit violations and AC grid violations of each.  Every plan here is at
              15-minute steps, so the ratio measures the aggregation alone.
 ``large``    the fast method on ``--large`` assets on a generated feeder of
-             ``--large-feeder`` substations, LV feeders per substation and buses per LV
-             feeder (30 4 6: 781 buses, 720 street buses, 18.9 MVA of transformers):
+             ``--large-feeder`` substations, LV feeders per substation, buses per LV feeder
+             and MV cables (30 4 6 6: 781 buses, 720 street buses, 18.9 MVA of
+             transformers on six 10 kV cables of five substations each):
              ``--cycles`` consecutive full cycles (forecast update, solve, AC check of all
              96 steps, member setpoints out), seconds per phase, LP size, peak memory.
              ``--large-horizon coarse`` plans in 15-minute steps for 2 h, half hours to 6 h
@@ -110,7 +111,7 @@ def compare(sizes: list[int], seed: int, start: str, group_by: list[str]) -> Non
 
 
 def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_by: str, horizon: str) -> None:
-    size = FeederSize(n_substations=feeder[0], lv_feeders=feeder[1], buses_per_feeder=feeder[2])
+    size = FeederSize(n_substations=feeder[0], lv_feeders=feeder[1], buses_per_feeder=feeder[2], mv_feeders=feeder[3])
     print(f"== large: aggregate method ({group_by}, {horizon} horizon) on {n} assets, {size.n_buses} buses, "
           f"{cycles} consecutive cycles ==")
     park, at, series, state = _portfolio(n, seed, start, size, {"horizon_resolution": COARSE} if horizon == "coarse" else None)
@@ -179,8 +180,10 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--group-by", nargs="+", choices=("bus", "feeder", "portfolio"), default=["bus", "feeder"],
                         help="plan groups of the aggregate method in --parts compare")
-    parser.add_argument("--large-feeder", nargs=3, type=int, default=[30, 4, 6], metavar=("SUBSTATIONS", "LV", "BUSES"),
-                        help="the large portfolio's feeder: substations, LV feeders each, buses per LV feeder")
+    parser.add_argument("--large-feeder", nargs=4, type=int, default=[30, 4, 6, 6],
+                        metavar=("SUBSTATIONS", "LV", "BUSES", "MV"),
+                        help="the large portfolio's feeder: substations, LV feeders each, buses per LV feeder, "
+                             "MV cables from the source the substations are spread over")
     parser.add_argument("--large-group-by", choices=("bus", "feeder", "portfolio"), default="feeder")
     parser.add_argument("--large-horizon", choices=("coarse", "uniform"), default="coarse")
     parser.add_argument("--seed", type=int, default=1)

@@ -251,6 +251,35 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
         assert infeasible.status == cp.INFEASIBLE
 
 
+def test_interior_point_reaches_the_simplex_optimum(make_park, monkeypatch):
+    """lp_method "ipm" (HiGHS's interior point without crossover, chosen automatically
+    for large LPs) publishes a plan as good as simplex's, within the battery's limits."""
+    from vpp.dispatch.highs import HIGHS_ARRAYS
+
+    methods = []
+    solve = type(HIGHS_ARRAYS).solve_via_data
+
+    def recording(self, data, warm_start, verbose, solver_opts, solver_cache=None):
+        methods.append(solver_opts.get("highs_options", {}).get("solver", "simplex"))
+        return solve(self, data, warm_start, verbose, solver_opts, solver_cache)
+
+    monkeypatch.setattr(type(HIGHS_ARRAYS), "solve_via_data", recording)
+    load = office_load_kw(day_index(), 120.0)
+    plans = {}
+    for method in ("simplex", "ipm"):
+        park = make_park([BATTERY, LOAD], dispatch={"lp_method": method})
+        methods.clear()
+        plans[method] = Dispatcher(park).dispatch(inputs_for(park, load), initial_state(park))
+        assert plans[method].ok and set(methods) == {method}
+    assert plans["ipm"].objective_cny == pytest.approx(plans["simplex"].objective_cny, rel=1e-6)
+    soc = plans["ipm"].details["soc_frac"]["bess"]
+    assert soc.min() >= 0.1 - 1e-6 and soc.max() <= 0.9 + 1e-6
+    auto = Dispatcher(make_park([BATTERY, LOAD]))
+    assert auto.problem.grid_form == "dense" and auto.lp_method == "simplex"
+    auto.problem.grid_form = "sparse"  # as on a large feeder
+    assert auto.lp_method == "ipm"
+
+
 def test_nan_forecast_is_rejected_naming_the_field(make_park):
     from vpp.errors import SpecError
 

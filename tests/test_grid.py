@@ -339,3 +339,25 @@ def test_feeder_labels_split_at_transformers(synthetic):
     lv = {label[names.index(f"lv{k}")] for k in range(10)}
     assert len(lv) == 10 and label[names.index("source")] not in lv
     assert label[names.index("s3_f2_b3")] == label[names.index("lv3")]
+
+
+def test_synthetic_feeder_spreads_substations_over_mv_cables():
+    """Large portfolios need their substations on several 10 kV cables: one chain of 30
+    would carry the whole load through its first cable."""
+    import pandapower as pp
+
+    net = synthetic_feeder(FeederSize(n_substations=7, lv_feeders=1, buses_per_feeder=2, mv_feeders=3), seed=2)
+    names = list(net.bus.name)
+    mv = net.line[net.line.name.str.startswith("mv cable")]
+    feeding = {names[t]: names[f] for f, t in zip(mv.from_bus, mv.to_bus)}
+    # 7 substations over 3 cables: 3 + 2 + 2, each cable's first one on the source.
+    assert feeding == {"mv0": "source", "mv1": "mv0", "mv2": "mv1", "mv3": "source", "mv4": "mv3",
+                       "mv5": "source", "mv6": "mv5"}
+    pp.runpp(net)
+    assert net.converged and len(net.bus) == FeederSize(7, 1, 2).n_buses
+    # The default keeps one chain (the 141-bus feeder the benchmarks were measured on).
+    default = synthetic_feeder(FeederSize(), seed=1)
+    chain = default.line[default.line.name.str.startswith("mv cable")]
+    assert [default.bus.name[f] for f in chain.from_bus] == ["source"] + [f"mv{k}" for k in range(9)]
+    with pytest.raises(ValueError, match="mv_feeders"):
+        synthetic_feeder(FeederSize(n_substations=2, mv_feeders=3))

@@ -8,9 +8,9 @@ sessions, plus one inflexible ``load`` per home bus for the households' base loa
 Everything is drawn from ``numpy.random.default_rng(seed)``: the same arguments give the
 same network, assets and series in every process.
 
-The feeder (:func:`synthetic_feeder`): a 10 kV source bus, a radial 10 kV cable trunk
-with ``n_substations`` secondary substations, each a 10/0.4 kV transformer feeding
-``lv_feeders`` cables of ``buses_per_feeder`` street buses.  Transformers, LV cables and
+The feeder (:func:`synthetic_feeder`): a 10 kV source bus, ``mv_feeders`` radial 10 kV
+cables chaining ``n_substations`` secondary substations between them, each substation a
+10/0.4 kV transformer feeding ``lv_feeders`` cables of ``buses_per_feeder`` street buses.  Transformers, LV cables and
 the far ends' voltage can bind once heat pumps and chargers run together.
 """
 
@@ -53,12 +53,17 @@ _HEAT_PUMP_MODELS = (("air", 35.0, 0.01), ("air", 45.0, 0.02), ("ground", 35.0, 
 
 @dataclass(frozen=True)
 class FeederSize:
-    """Shape of the generated feeder; the default has 1 + 10 * (2 + 3 * 4) = 141 buses."""
+    """Shape of the generated feeder; the default has 1 + 10 * (2 + 3 * 4) = 141 buses.
+
+    ``mv_feeders`` radial 10 kV cables leave the source bus, each chaining its share of
+    the substations (the first ones take one more where they do not divide evenly).
+    """
 
     n_substations: int = 10
     lv_feeders: int = 3
     buses_per_feeder: int = 4
     trafo_type: str = "0.63 MVA 10/0.4 kV"
+    mv_feeders: int = 1
 
     @property
     def n_buses(self) -> int:
@@ -71,8 +76,14 @@ def synthetic_feeder(size: FeederSize = FeederSize(), seed: int = 0) -> pp.panda
     net = pp.create_empty_network(name=f"synthetic feeder seed {seed}")
     names, vn_kv = ["source"], [10.0]
     mv_lines, lv_lines, trafos = [], [], []  # (from name, to name, length km, name)
+    if not 1 <= size.mv_feeders <= size.n_substations:
+        raise ValueError(f"mv_feeders: need 1 to n_substations ({size.n_substations}), got {size.mv_feeders}")
+    # Each MV feeder's first substation hangs on the source, the next ones on the one before.
+    starts = {int(part[0]) for part in np.array_split(np.arange(size.n_substations), size.mv_feeders)}
     upstream = "source"
     for k in range(size.n_substations):
+        if k in starts:
+            upstream = "source"
         names += [f"mv{k}", f"lv{k}"]
         vn_kv += [10.0, 0.4]
         mv_lines.append((upstream, f"mv{k}", float(rng.uniform(0.4, 1.2)), f"mv cable {k}"))

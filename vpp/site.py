@@ -71,6 +71,9 @@ class DispatchSettings(_Section):
                     "e.g. [[2, 0.25], [6, 0.5], [24, 1.0]]; empty plans every base step",
     )
     solver: Literal["HIGHS", "CLARABEL"] = "HIGHS"
+    # HiGHS's method: dual simplex, or interior point without crossover (faster on the LPs
+    # of large feeders, see docs/performance.md); auto: interior point with the sparse grid model.
+    lp_method: Literal["auto", "simplex", "ipm"] = "auto"
     time_budget_s: float = Field(20.0, gt=0, le=3600)
     max_grid_iterations: int = Field(5, ge=1, le=20)
     lazy_grid_rows: bool = True
