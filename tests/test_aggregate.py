@@ -244,3 +244,33 @@ def test_sparse_and_dense_grid_rows_plan_the_same_optimum():
     dense, sparse = results["dense"], results["sparse"]
     assert dense.ok and sparse.ok
     assert sparse.virtual.objective_cny == pytest.approx(dense.virtual.objective_cny, rel=1e-6)
+
+
+def test_coarse_plan_quarter_hours_keep_the_grid_limits(monkeypatch):
+    """A coarse planning step's limits hold for its block's mean; its quarter hours (cars
+    charging in part of a 2-hour block, the base load's shape) can break them.  The cycle
+    AC-checks every quarter hour of the members' setpoints and re-plans with each block's
+    spread as a margin: no violation is left, as evaluate_plan confirms independently."""
+    from vpp.dispatch import aggregate
+
+    park = synthetic_portfolio(100, seed=3, import_limit_kw=150.0,
+                               settings={"horizon_resolution": [[1, 0.25], [24, 2.0]]})
+    at = pd.Timestamp("2025-01-15 12:00", tz=park.site.timezone)
+    inputs = portfolio_series(park, at).horizon(park, at)
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    results, spread = {}, {}
+    for rounds in (0, 1):
+        monkeypatch.setattr(aggregate, "_BASE_ROUNDS", rounds)
+        fast = AggregateDispatcher(park)
+        result = fast.dispatch(inputs, state)
+        spread[rounds] = fast.dispatcher.problem.block_spread
+        check = evaluate_plan(park, inputs, state, result.p_kw)
+        assert result.ok and result.rounds == rounds + 1
+        assert result.base_violations == check.grid_violations
+        results[rounds] = result
+    # The planning steps alone looked fine; their quarter hours did not.
+    assert results[0].virtual.violations_remaining == 0 and results[0].base_violations > 0
+    assert "quarter hours" in results[0].virtual.reason
+    assert results[1].base_violations == 0
+    # The margins came from the blocks' spread: some block's import limit was lowered.
+    assert spread[1]["import"].max() > 0

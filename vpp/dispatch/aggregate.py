@@ -35,7 +35,11 @@ a setpoint per base step: the block's power for batteries, the same share of the
 available output for PV, the same heat output (electric power over each base step's COP)
 for heat pumps, and its own reference schedules per base step for EVs.  Power limits then
 hold in every base step; stores meet their limits at block ends and drift inside a block
-only by what its forecasts vary within it.
+only by what its forecasts vary within it.  The grid sees each block's mean injections in
+the LP, so every cycle also runs the AC power flow of the members' setpoints in every base
+step; where a base step breaks a grid limit, the cycle plans once more with each block's
+spread around its mean (voltages, branch loading, connection power) as a margin on its
+limits (:meth:`~vpp.dispatch.problem.DispatchProblem.fold_base_check`).
 
 Where it is exact, and the bound elsewhere
 ------------------------------------------
@@ -71,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from vpp.assets.base import Horizon
-from vpp.dispatch.dispatcher import Dispatcher
+from vpp.dispatch.dispatcher import Dispatcher, base_limits
 from vpp.dispatch.problem import HorizonInputs
 from vpp.dispatch.result import DispatchResult, count_violations
 from vpp.dispatch.virtual import (VirtualBatteryFleet, VirtualChargerFleet, VirtualHeatPumpFleet, VirtualLoadFleet,
@@ -163,7 +167,9 @@ class AggregateResult:
 
     ``p_kw`` maps a kind to its members' active setpoints (n_members, n_steps) [kW], in
     the order of the park's fleet; ``bus_mismatch_kw`` is the largest difference between a
-    virtual asset's plan and the sum of its members' setpoints.
+    virtual asset's plan and the sum of its members' setpoints.  ``base_violations``
+    counts the grid limits the members' base-step setpoints break in the AC check (coarse
+    horizons; ``rounds`` plans were made to get there); the seconds split the cycle.
     """
 
     virtual: DispatchResult
@@ -173,14 +179,22 @@ class AggregateResult:
     window_conflicts: int = 0
     n_virtual: int = 0
     solve_s: float = 0.0
+    solver_s: float = 0.0
     ac_check_s: float = 0.0
     aggregate_s: float = 0.0
     disaggregate_s: float = 0.0
     total_s: float = 0.0
+    base_check_s: float = 0.0
+    base_violations: int = 0
+    rounds: int = 1
 
     @property
     def ok(self) -> bool:
         return self.virtual.ok
+
+
+# Re-plans of a cycle whose quarter hours break a grid limit inside coarse planning steps.
+_BASE_ROUNDS = 1
 
 
 class AggregateDispatcher:
@@ -207,9 +221,39 @@ class AggregateDispatcher:
         # A virtual fallback must be the sum of the members' own fallbacks, not the last
         # virtual plan shifted (which could not be split without its solved variables).
         self.dispatcher.previous = None
-        virtual = self.dispatcher.dispatch(inputs, state)
         problem = self.dispatcher.problem
-        t0 = time.perf_counter()
+        base_s = solve_s = solver_s = ac_s = dis_s = 0.0
+        for round_ in range(_BASE_ROUNDS + 1):
+            virtual = self.dispatcher.dispatch(inputs, state)
+            solve_s, solver_s, ac_s = solve_s + virtual.solve_s, solver_s + virtual.solver_s, ac_s + virtual.ac_check_s
+            t0 = time.perf_counter()
+            p_kw, details, mismatch = self._split(virtual, inputs, state)
+            dis_s += time.perf_counter() - t0
+            if not virtual.ok or problem.horizon.uniform:
+                break
+            # The plan's quarter hours, not only its planning steps, through the AC power flow.
+            t0 = time.perf_counter()
+            ac, violations = self._check_base(p_kw, inputs)
+            problem.fold_base_check(ac, *base_limits(self.park.grid, inputs)[:3])
+            base_s += time.perf_counter() - t0
+            if violations.sum() == 0 or round_ == _BASE_ROUNDS:
+                break
+        base_violations = int(violations.sum()) if virtual.ok and not problem.horizon.uniform else 0
+        if base_violations:
+            virtual.reason = (f"{base_violations} grid limit violation(s) remain in the quarter hours of coarse "
+                              f"planning steps after {round_ + 1} plan(s)")
+        total = time.perf_counter() - t_start
+        return AggregateResult(
+            virtual=virtual, p_kw=p_kw, details=details, bus_mismatch_kw=mismatch,
+            window_conflicts=sum(getattr(f, "window_conflicts", 0) for f in problem.fleets.values()),
+            n_virtual=sum(f.n for f in problem.fleets.values()), solve_s=solve_s, solver_s=solver_s, ac_check_s=ac_s,
+            aggregate_s=total - solve_s - ac_s - dis_s - base_s, disaggregate_s=dis_s, total_s=total,
+            base_check_s=base_s, base_violations=base_violations, rounds=round_ + 1,
+        )
+
+    def _split(self, virtual: DispatchResult, inputs: HorizonInputs, state):
+        """Members' setpoints per base step, their details and the largest bus mismatch."""
+        problem = self.dispatcher.problem
         p_kw, details, mismatch = {}, {}, 0.0
         hz = problem.horizon
         base = Horizon(hz.n_base_steps, hz.dt_h)  # members' own fallbacks plan every base step
@@ -230,14 +274,12 @@ class AggregateDispatcher:
             if p_kw[kind] is None:
                 p_kw[kind] = hz.expand(planning_kw)
             details[kind] = parts
-        t_dis = time.perf_counter() - t0
-        total = time.perf_counter() - t_start
-        return AggregateResult(
-            virtual=virtual, p_kw=p_kw, details=details, bus_mismatch_kw=mismatch,
-            window_conflicts=sum(getattr(f, "window_conflicts", 0) for f in problem.fleets.values()),
-            n_virtual=sum(f.n for f in problem.fleets.values()), solve_s=virtual.solve_s, ac_check_s=virtual.ac_check_s,
-            aggregate_s=virtual.total_s - virtual.solve_s - virtual.ac_check_s, disaggregate_s=t_dis, total_s=total,
-        )
+        return p_kw, details, mismatch
+
+    def _check_base(self, p_kw: dict[str, np.ndarray], inputs: HorizonInputs):
+        """AC check of the members' base-step setpoints against the base-step limits."""
+        ac = self.park.grid.run_ac(*member_bus_injections(self.park, p_kw))
+        return ac, count_violations(ac, *base_limits(self.park.grid, inputs))
 
 
 # --- evaluation on the individual assets ---------------------------------------------------------
@@ -274,6 +316,22 @@ def _excess(name: str, values: np.ndarray, counts: dict, worst: dict) -> None:
     values = np.asarray(values, float)
     counts[name] = counts.get(name, 0) + int(np.sum(values > _TOL))
     worst[name] = max(worst.get(name, 0.0), float(np.max(values, initial=0.0)))
+
+
+def member_bus_injections(park, p_kw: dict[str, np.ndarray], q_kvar: dict[str, np.ndarray] | None = None):
+    """Bus totals (n_steps, n_buses) [kW], [kvar] of members' setpoints; without ``q_kvar``
+    only the base loads draw reactive power (at their power factor)."""
+    T = next(iter(p_kw.values())).shape[1]
+    P = np.zeros((T, park.grid.n_buses))
+    Q = np.zeros_like(P)
+    for kind, fleet in park.fleets.items():
+        buses = park.bus_positions(kind)
+        np.add.at(P.T, buses, np.asarray(p_kw[kind], float))
+        if q_kvar is not None and kind in q_kvar:
+            np.add.at(Q.T, buses, np.asarray(q_kvar[kind], float))
+        elif kind == "load":
+            np.add.at(Q.T, buses, fleet.reactive_kvar(np.asarray(p_kw[kind], float)))
+    return P, Q
 
 
 def evaluate_plan(park, inputs: HorizonInputs, state: dict, p_kw: dict[str, np.ndarray],
@@ -346,22 +404,11 @@ def evaluate_plan(park, inputs: HorizonInputs, state: dict, p_kw: dict[str, np.n
             costs["ev_unmet_energy"] += pen.ev_unmet_cny_per_kwh * float(unmet.sum())
     # Grid exchange by AC power flow of the bus totals.
     grid = park.grid
-    P = np.zeros((T, grid.n_buses))
-    Q = np.zeros_like(P)
-    for kind, fleet in park.fleets.items():
-        buses = park.bus_positions(kind)
-        np.add.at(P.T, buses, np.asarray(p_kw[kind], float))
-        if q_kvar is not None and kind in q_kvar:
-            np.add.at(Q.T, buses, np.asarray(q_kvar[kind], float))
-        elif kind == "load":
-            np.add.at(Q.T, buses, fleet.reactive_kvar(np.asarray(p_kw[kind], float)))
-    ac = grid.run_ac(P, Q)
+    ac = grid.run_ac(*member_bus_injections(park, p_kw, q_kvar))
     imp, exp = np.clip(ac.p_slack_kw, 0.0, None), np.clip(-ac.p_slack_kw, 0.0, None)
     costs["energy"] = float(np.sum(inputs.buy_price_cny_per_kwh * imp - inputs.sell_price_cny_per_kwh * exp) * dt)
     rate = park.tariff.demand_charge_cny_per_kw_month
     costs["demand_charge"] = float(rate * max(float(imp.max(initial=0.0)) - inputs.peak_import_so_far_kw, 0.0))
     costs["carbon"] = float(np.sum(inputs.carbon_kg_per_kwh * imp) * dt * park.carbon.price_cny_per_t / 1000.0)
-    limit_pct = np.repeat(grid.branch_limit_percent[:, None], T, axis=1)
-    grid_violations = int(count_violations(ac, grid.v_min_pu, grid.v_max_pu, limit_pct, inputs.import_limit_kw,
-                                           inputs.export_limit_kw).sum())
+    grid_violations = int(count_violations(ac, *base_limits(grid, inputs)).sum())
     return PlanCheck(costs, counts, worst, grid_violations, unmet_total, shortfall_total)

@@ -45,6 +45,18 @@ def _silence_highs_banner() -> None:
         os.close(saved)
 
 
+def base_limits(grid, inputs: HorizonInputs):
+    """The grid limits of every base step of ``inputs``, in :func:`count_violations`'s order:
+    voltage band (n_buses,) x 2, branch limits [%] (n_branches, n_steps), import and export
+    limits [kW] (n_steps,)."""
+    T = len(inputs.index)
+    branch = (np.repeat(grid.branch_limit_percent[:, None], T, axis=1) if inputs.branch_limit_percent is None
+              else np.asarray(inputs.branch_limit_percent, float))
+    return (grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float),
+            grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float),
+            branch, inputs.import_limit_kw, inputs.export_limit_kw)
+
+
 class Dispatcher:
     """Plans a park cycle after cycle, reusing one compiled problem."""
 
@@ -249,12 +261,7 @@ class Dispatcher:
             branch, imp, exp = problem.branch_limit_percent, problem.import_limit_kw, problem.export_limit_kw
             bands = (problem.v_band_min_pu, problem.v_band_max_pu)
         else:
-            T = len(inputs.index)
-            branch = (np.repeat(grid.branch_limit_percent[:, None], T, axis=1) if inputs.branch_limit_percent is None
-                      else np.asarray(inputs.branch_limit_percent, float))
-            imp, exp = inputs.import_limit_kw, inputs.export_limit_kw
-            bands = (grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float),
-                     grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float))
+            *bands, branch, imp, exp = base_limits(grid, inputs)
         violations = count_violations(ac, bands[0], bands[1], branch, imp, exp)
         return ac, violations
 

@@ -82,6 +82,8 @@ _DENSE_GRID_MAX_NNZ = 100_000
 _LAZY_WIDEN_STEPS = 2
 _LAZY_NEAR_FRAC = 0.95
 _LAZY_NEAR_PU = 0.005
+# Per check of a coarse plan's base steps, what is left of a block's earlier, larger spread.
+_SPREAD_FADE = 0.8
 # Elastic problems: the price of exceeding a grid limit, far above any other term, so a
 # limit gives only what no asset can make up.
 _EXCESS_CNY_PER_KWH = 1e4
@@ -170,6 +172,10 @@ class DispatchProblem:
         self.active_flow = np.zeros((self.group_rep.size, T), bool)
         self.active_vm = np.zeros((asset_buses.size, T), bool)
         self.vm_corr_pu = np.zeros((asset_buses.size, T))
+        # Coarse planning steps: how far a block's quarter hours stray from its mean (voltage
+        # below / above [pu], connection power above / below [kW]) and its branch groups'
+        # mean over peak loading; measured by fold_base_check, kept as margins.
+        self.block_spread = self._no_spread(T)
         # 1 while a step has an active grid row, 0 when all its rows are relaxed.
         self.step_on = [cp.Parameter(nonneg=True, name=f"grid_step_on_{t}", value=1.0) for t in range(T)]
 
@@ -467,11 +473,13 @@ class DispatchProblem:
                                                   "min"), 0, None)
         self.export_limit_kw = np.clip(hz.coarsen(_finite("inputs.export_limit_kw", inputs.export_limit_kw, n_base),
                                                   "min"), 0, None)
-        p["import_limit"].value, p["export_limit"].value = self.import_limit_kw, self.export_limit_kw
+        shift = self._steps_since_last(inputs.index)
+        self.block_spread = {name: hz.carry(values, shift, 1.0 if name == "flow" else 0.0)
+                             for name, values in self.block_spread.items()}
+        self._set_connection_limits()
         p["peak_so_far"].value = max(float(inputs.peak_import_so_far_kw), 0.0)
         p["demand_rate"].value = park.tariff.demand_charge_cny_per_kw_month
         p["demand_paid"].value = p["demand_rate"].value * p["peak_so_far"].value
-        shift = self._steps_since_last(inputs.index)
         self._last_start = inputs.index[0]
         self._set_flex(inputs)
         grid = park.grid
@@ -479,8 +487,8 @@ class DispatchProblem:
         v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
         self.v_band_min_pu, self.v_band_max_pu = v_min, v_max
         w = self.watched_buses
-        self.v_min_pu = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
-        self.v_max_pu = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
+        self.v_min_pu = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1) + self.block_spread["vm_low"]
+        self.v_max_pu = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1) - self.block_spread["vm_high"]
         # A receding horizon keeps the last cycle's grid corrections, shifted, as its first guess.
         self.vm_corr_pu = hz.carry(self.vm_corr_pu, shift, 0.0)
         p["losses"].value = hz.carry(p["losses"].value, shift, 0.0)
@@ -592,11 +600,75 @@ class DispatchProblem:
         ]).reshape(len(self.branch_groups), self.horizon.n_steps)
 
     def _set_flow_cap(self) -> None:
-        self.flow_cap_kva = self._group_capacity_kva() * self.flow_scale
+        self.flow_cap_kva = self._group_capacity_kva() * self.flow_scale * self.block_spread["flow"]
         self.p["flow_cap"].value = np.where(self.active_flow, self.flow_cap_kva, _RELAXED_KVA)
         if "flow_on" in self.p:
             self.p["flow_on"].value = self.active_flow.astype(float)
         self._set_steps_on()
+
+    def _set_connection_limits(self) -> None:
+        self.p["import_limit"].value = np.clip(self.import_limit_kw - self.block_spread["import"], 0.0, None)
+        self.p["export_limit"].value = np.clip(self.export_limit_kw - self.block_spread["export"], 0.0, None)
+
+    def _no_spread(self, T: int) -> dict[str, np.ndarray]:
+        n_w, n_g = self.watched_buses.size, self.group_rep.size
+        return {"vm_low": np.zeros((n_w, T)), "vm_high": np.zeros((n_w, T)), "flow": np.ones((n_g, T)),
+                "import": np.zeros(T), "export": np.zeros(T)}
+
+    def fold_base_check(self, ac, v_min_pu: np.ndarray, v_max_pu: np.ndarray, limit_percent: np.ndarray) -> None:
+        """Fold an AC check of a plan's base steps into a coarse plan's limits.
+
+        A planning step's linear rows see its block's mean injections; its quarter hours
+        vary around them (a heat pump's COP, cars charging in part of an hour, the base
+        load).  The spread of each block's AC results around their mean (voltages below
+        and above, connection power, each branch group's mean over peak loading) becomes
+        a margin on the block's limits, measured anew by each check (a larger one
+        fading by ``_SPREAD_FADE`` per check) and carried to the next cycle; rows the
+        base steps break are activated.  ``ac`` holds the base steps; the limits are per bus (n_buses,) and per
+        branch and base step.  A uniform horizon has no blocks and nothing to fold.
+        """
+        hz = self.horizon
+        if hz.uniform:
+            return
+        starts, counts = hz.block_start, np.asarray(hz.block_steps, float)
+
+        def spread(values, above: bool):  # (..., n_base) -> (..., n_steps): peak minus mean per block
+            mean = np.add.reduceat(values, starts, axis=-1) / counts
+            peak = (np.maximum if above else np.minimum).reduceat(values, starts, axis=-1)
+            return np.clip(peak - mean if above else mean - peak, 0.0, None)
+
+        ok = np.asarray(ac.converged, bool)
+        if not ok.all():
+            return
+        w = self.watched_buses
+        vm = ac.vm_pu[:, w].T
+        old = self.block_spread
+        # A margin that just mended a block fades over a few checks instead of vanishing
+        # with the plan it shaped (which would break the block again next cycle).
+        self.block_spread = {
+            "vm_low": np.maximum(spread(vm, False), _SPREAD_FADE * old["vm_low"]),
+            "vm_high": np.maximum(spread(vm, True), _SPREAD_FADE * old["vm_high"]),
+            "import": np.maximum(spread(ac.p_slack_kw, True), _SPREAD_FADE * old["import"]),
+            "export": np.maximum(spread(-ac.p_slack_kw, True), _SPREAD_FADE * old["export"]),
+            "flow": old["flow"],
+        }
+        broken_vm = (vm < v_min_pu[w, None]) | (vm > v_max_pu[w, None])
+        self.active_vm |= np.logical_or.reduceat(broken_vm, starts, axis=1)
+        if self.group_rep.size:
+            rel = np.array([(ac.loading_percent[:, g].T / limit_percent[g]).max(axis=0) for g in self.branch_groups])
+            mean = np.add.reduceat(rel, starts, axis=1) / counts
+            peak = np.maximum.reduceat(rel, starts, axis=1)
+            factor = np.where(peak > 1e-9, np.minimum(mean / np.maximum(peak, 1e-9), 1.0), 1.0)
+            self.block_spread["flow"] = np.minimum(factor, 1.0 - _SPREAD_FADE * (1.0 - old["flow"]))
+            self.active_flow |= np.logical_or.reduceat(rel > 1.0, starts, axis=1)
+        T = hz.n_steps
+        band_lo = np.repeat(self.v_band_min_pu[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
+        band_hi = np.repeat(self.v_band_max_pu[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
+        self.v_min_pu = band_lo + self.block_spread["vm_low"]
+        self.v_max_pu = band_hi - self.block_spread["vm_high"]
+        self._set_connection_limits()
+        self._set_flow_cap()
+        self._set_voltage_band()
 
     def _set_voltage_band(self) -> None:
         """Voltage rows: the band less the AC correction (the LP's voltages are the linear
