@@ -486,9 +486,7 @@ class DispatchProblem:
         v_min = grid.v_min_pu if inputs.v_min_pu is None else np.asarray(inputs.v_min_pu, float)
         v_max = grid.v_max_pu if inputs.v_max_pu is None else np.asarray(inputs.v_max_pu, float)
         self.v_band_min_pu, self.v_band_max_pu = v_min, v_max
-        w = self.watched_buses
-        self.v_min_pu = np.repeat(v_min[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1) + self.block_spread["vm_low"]
-        self.v_max_pu = np.repeat(v_max[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1) - self.block_spread["vm_high"]
+        self._set_band_limits()
         # A receding horizon keeps the last cycle's grid corrections, shifted, as its first guess.
         self.vm_corr_pu = hz.carry(self.vm_corr_pu, shift, 0.0)
         p["losses"].value = hz.carry(p["losses"].value, shift, 0.0)
@@ -606,6 +604,15 @@ class DispatchProblem:
             self.p["flow_on"].value = self.active_flow.astype(float)
         self._set_steps_on()
 
+    def _set_band_limits(self) -> None:
+        """Watched buses' voltage limits per step: the band, its safety margin and the
+        blocks' spread."""
+        w, T = self.watched_buses, self.horizon.n_steps
+        self.v_min_pu = (np.repeat(self.v_band_min_pu[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
+                         + self.block_spread["vm_low"])
+        self.v_max_pu = (np.repeat(self.v_band_max_pu[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
+                         - self.block_spread["vm_high"])
+
     def _set_connection_limits(self) -> None:
         self.p["import_limit"].value = np.clip(self.import_limit_kw - self.block_spread["import"], 0.0, None)
         self.p["export_limit"].value = np.clip(self.export_limit_kw - self.block_spread["export"], 0.0, None)
@@ -624,22 +631,23 @@ class DispatchProblem:
         and above, connection power, each branch group's mean over peak loading) becomes
         a margin on the block's limits, measured anew by each check (a larger one
         fading by ``_SPREAD_FADE`` per check) and carried to the next cycle; rows the
-        base steps break are activated.  ``ac`` holds the base steps; the limits are per bus (n_buses,) and per
-        branch and base step.  A uniform horizon has no blocks and nothing to fold.
+        base steps break are activated.  ``ac`` holds the base steps; the limits are
+        per bus (n_buses,) and per branch and base step.  A uniform horizon has no
+        blocks and nothing to fold; nor has a check that did not converge.
         """
         hz = self.horizon
-        if hz.uniform:
+        if hz.uniform or not np.all(ac.converged):
             return
         starts, counts = hz.block_start, np.asarray(hz.block_steps, float)
 
-        def spread(values, above: bool):  # (..., n_base) -> (..., n_steps): peak minus mean per block
+        def mean_peak(values, above: bool):  # (..., n_base) -> block means and peaks (..., n_steps)
             mean = np.add.reduceat(values, starts, axis=-1) / counts
-            peak = (np.maximum if above else np.minimum).reduceat(values, starts, axis=-1)
+            return mean, (np.maximum if above else np.minimum).reduceat(values, starts, axis=-1)
+
+        def spread(values, above: bool):
+            mean, peak = mean_peak(values, above)
             return np.clip(peak - mean if above else mean - peak, 0.0, None)
 
-        ok = np.asarray(ac.converged, bool)
-        if not ok.all():
-            return
         w = self.watched_buses
         vm = ac.vm_pu[:, w].T
         old = self.block_spread
@@ -656,16 +664,11 @@ class DispatchProblem:
         self.active_vm |= np.logical_or.reduceat(broken_vm, starts, axis=1)
         if self.group_rep.size:
             rel = np.array([(ac.loading_percent[:, g].T / limit_percent[g]).max(axis=0) for g in self.branch_groups])
-            mean = np.add.reduceat(rel, starts, axis=1) / counts
-            peak = np.maximum.reduceat(rel, starts, axis=1)
+            mean, peak = mean_peak(rel, True)
             factor = np.where(peak > 1e-9, np.minimum(mean / np.maximum(peak, 1e-9), 1.0), 1.0)
             self.block_spread["flow"] = np.minimum(factor, 1.0 - _SPREAD_FADE * (1.0 - old["flow"]))
             self.active_flow |= np.logical_or.reduceat(rel > 1.0, starts, axis=1)
-        T = hz.n_steps
-        band_lo = np.repeat(self.v_band_min_pu[w, None] + _VOLTAGE_MARGIN_PU, T, axis=1)
-        band_hi = np.repeat(self.v_band_max_pu[w, None] - _VOLTAGE_MARGIN_PU, T, axis=1)
-        self.v_min_pu = band_lo + self.block_spread["vm_low"]
-        self.v_max_pu = band_hi - self.block_spread["vm_high"]
+        self._set_band_limits()
         self._set_connection_limits()
         self._set_flow_cap()
         self._set_voltage_band()
