@@ -10,8 +10,9 @@ same network, assets and series in every process.
 
 The feeder (:func:`synthetic_feeder`): a 10 kV source bus, ``mv_feeders`` radial 10 kV
 cables chaining ``n_substations`` secondary substations between them, each substation a
-10/0.4 kV transformer feeding ``lv_feeders`` cables of ``buses_per_feeder`` street buses.  Transformers, LV cables and
-the far ends' voltage can bind once heat pumps and chargers run together.
+10/0.4 kV transformer feeding ``lv_feeders`` cables of ``buses_per_feeder`` street buses.
+Transformers, LV cables and the far ends' voltage can bind once heat pumps and chargers
+run together.
 """
 
 from __future__ import annotations

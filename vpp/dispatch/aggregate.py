@@ -222,6 +222,7 @@ class AggregateDispatcher:
         # virtual plan shifted (which could not be split without its solved variables).
         self.dispatcher.previous = None
         problem = self.dispatcher.problem
+        limits = base_limits(self.park.grid, inputs)  # v_min, v_max, branch %, import, export per base step
         base_s = solve_s = solver_s = ac_s = dis_s = 0.0
         for round_ in range(_BASE_ROUNDS + 1):
             virtual = self.dispatcher.dispatch(inputs, state)
@@ -233,8 +234,9 @@ class AggregateDispatcher:
                 break
             # The plan's quarter hours, not only its planning steps, through the AC power flow.
             t0 = time.perf_counter()
-            ac, violations = self._check_base(p_kw, inputs)
-            problem.fold_base_check(ac, *base_limits(self.park.grid, inputs)[:3])
+            ac = self.park.grid.run_ac(*member_bus_injections(self.park, p_kw))
+            violations = count_violations(ac, *limits)
+            problem.fold_base_check(ac, limits[2])
             base_s += time.perf_counter() - t0
             if violations.sum() == 0 or round_ == _BASE_ROUNDS:
                 break
@@ -275,11 +277,6 @@ class AggregateDispatcher:
                 p_kw[kind] = hz.expand(planning_kw)
             details[kind] = parts
         return p_kw, details, mismatch
-
-    def _check_base(self, p_kw: dict[str, np.ndarray], inputs: HorizonInputs):
-        """AC check of the members' base-step setpoints against the base-step limits."""
-        ac = self.park.grid.run_ac(*member_bus_injections(self.park, p_kw))
-        return ac, count_violations(ac, *base_limits(self.park.grid, inputs))
 
 
 # --- evaluation on the individual assets ---------------------------------------------------------

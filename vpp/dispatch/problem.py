@@ -622,7 +622,7 @@ class DispatchProblem:
         return {"vm_low": np.zeros((n_w, T)), "vm_high": np.zeros((n_w, T)), "flow": np.ones((n_g, T)),
                 "import": np.zeros(T), "export": np.zeros(T)}
 
-    def fold_base_check(self, ac, v_min_pu: np.ndarray, v_max_pu: np.ndarray, limit_percent: np.ndarray) -> None:
+    def fold_base_check(self, ac, limit_percent: np.ndarray) -> None:
         """Fold an AC check of a plan's base steps into a coarse plan's limits.
 
         A planning step's linear rows see its block's mean injections; its quarter hours
@@ -631,9 +631,9 @@ class DispatchProblem:
         and above, connection power, each branch group's mean over peak loading) becomes
         a margin on the block's limits, measured anew by each check (a larger one
         fading by ``_SPREAD_FADE`` per check) and carried to the next cycle; rows the
-        base steps break are activated.  ``ac`` holds the base steps; the limits are
-        per bus (n_buses,) and per branch and base step.  A uniform horizon has no
-        blocks and nothing to fold; nor has a check that did not converge.
+        base steps break are activated.  ``ac`` holds the base steps, ``limit_percent``
+        each branch's limit per base step; the voltage band is this cycle's.  A uniform
+        horizon has no blocks and nothing to fold; nor has a check that did not converge.
         """
         hz = self.horizon
         if hz.uniform or not np.all(ac.converged):
@@ -660,7 +660,7 @@ class DispatchProblem:
             "export": np.maximum(spread(-ac.p_slack_kw, True), _SPREAD_FADE * old["export"]),
             "flow": old["flow"],
         }
-        broken_vm = (vm < v_min_pu[w, None]) | (vm > v_max_pu[w, None])
+        broken_vm = (vm < self.v_band_min_pu[w, None]) | (vm > self.v_band_max_pu[w, None])
         self.active_vm |= np.logical_or.reduceat(broken_vm, starts, axis=1)
         if self.group_rep.size:
             rel = np.array([(ac.loading_percent[:, g].T / limit_percent[g]).max(axis=0) for g in self.branch_groups])
