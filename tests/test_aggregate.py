@@ -274,3 +274,35 @@ def test_coarse_plan_quarter_hours_keep_the_grid_limits(monkeypatch):
     assert results[1].base_violations == 0
     # The margins came from the blocks' spread: some block's import limit was lowered.
     assert spread[1]["import"].max() > 0
+
+
+def test_strict_window_replans_only_for_quarter_hours_it_covers(monkeypatch):
+    """With ``strict_hours`` a cycle plans again only for quarter-hour violations inside
+    that window; one just outside it is left (and reported) for the next cycle, one just
+    inside it triggers the second plan."""
+    from vpp.dispatch import aggregate
+    from vpp.dispatch.dispatcher import base_limits
+    from vpp.dispatch.result import count_violations
+
+    resolution = {"horizon_resolution": [[1, 0.25], [24, 2.0]]}
+    park = synthetic_portfolio(100, seed=3, import_limit_kw=150.0, settings=resolution)
+    at = pd.Timestamp("2025-01-15 12:00", tz=park.site.timezone)
+    inputs = portfolio_series(park, at).horizon(park, at)
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    # The first quarter hour the single plan breaks.
+    with monkeypatch.context() as patch:
+        patch.setattr(aggregate, "_BASE_ROUNDS", 0)
+        one = AggregateDispatcher(park).dispatch(inputs, state)
+    ac = park.grid.run_ac(*aggregate.member_bus_injections(park, one.p_kw))
+    k = int(np.flatnonzero(count_violations(ac, *base_limits(park.grid, inputs)))[0])
+    assert k >= 1
+    for hours, rounds in ((k * 0.25, 1), ((k + 1) * 0.25, 2)):
+        strict = synthetic_portfolio(100, seed=3, import_limit_kw=150.0, settings={**resolution, "strict_hours": hours})
+        result = AggregateDispatcher(strict).dispatch(inputs, state)
+        assert result.ok and result.rounds == rounds, hours
+        check = evaluate_plan(strict, inputs, state, result.p_kw)
+        assert result.base_violations == check.grid_violations
+        if rounds == 1:
+            # Left for the next cycle, and said so: none of them inside the window.
+            assert result.base_violations > 0 and result.strict_violations == 0
+            assert f"0 of them in the first {hours:g} h" in result.virtual.reason

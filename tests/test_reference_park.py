@@ -186,3 +186,28 @@ def test_coarse_horizon_costs_close_to_the_exact_plan(winter_coarse, winter):
     _, _, coarse = winter_coarse
     _, _, exact = winter
     assert coarse.objective_cny == pytest.approx(exact.objective_cny, rel=0.025)
+
+
+def test_broken_rows_outside_the_strict_window_wait_for_the_next_solve(reference_park):
+    """``activate_broken_rows(within_steps)`` activates every broken row but counts (and so
+    asks for a re-solve over) only those in the first steps."""
+    from vpp.dispatch.problem import DispatchProblem
+
+    start = pd.Timestamp("2025-01-15", tz=reference_park.site.timezone)
+    inputs = synthetic_series(reference_park, start, days=1).horizon(reference_park, start)
+    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
+    problems = []
+    for _ in range(2):
+        problem = DispatchProblem(reference_park)
+        problem.update(inputs, state)
+        problem.problem.solve(solver="HIGHS")
+        problems.append(problem)
+    everywhere, window = problems
+    before = window.active_grid_rows[0]
+    n_all = everywhere.activate_broken_rows()
+    assert n_all > 0
+    assert window.activate_broken_rows(within_steps=0) == 0
+    # The rows were activated all the same: the same set as without a window.
+    assert window.active_grid_rows[0] == everywhere.active_grid_rows[0] > before
+    np.testing.assert_array_equal(window.active_vm, everywhere.active_vm)
+    np.testing.assert_array_equal(window.active_flow, everywhere.active_flow)

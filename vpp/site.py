@@ -74,6 +74,15 @@ class DispatchSettings(_Section):
     # HiGHS's method: dual simplex, or interior point without crossover (faster on the LPs
     # of large feeders, see docs/performance.md); auto: interior point with the sparse grid model.
     lp_method: Literal["auto", "simplex", "ipm"] = "auto"
+    # Receding horizon: only the first steps of a plan are carried out before the next
+    # cycle re-plans.  With strict_hours set, a cycle re-solves only for grid-limit
+    # violations in its first strict_hours; those further out are activated and folded
+    # into the linear model for the next cycle, and reported with the plan.
+    strict_hours: float | None = Field(
+        None, gt=0, le=744,
+        description="re-plan within a cycle only for grid violations in the first strict_hours "
+                    "(None: anywhere in the horizon); later ones tighten the next cycle",
+    )
     time_budget_s: float = Field(20.0, gt=0, le=3600)
     max_grid_iterations: int = Field(5, ge=1, le=20)
     lazy_grid_rows: bool = True

@@ -97,6 +97,10 @@ class Horizon:
             return np.arange(self.n_steps)
         return np.concatenate([[0], np.cumsum(self.block_steps)[:-1]]).astype(int)
 
+    def steps_within(self, hours: float) -> int:
+        """How many planning steps start within the first ``hours`` of the horizon."""
+        return int(np.sum(self.block_start * self.dt_h < hours - 1e-9))
+
     def per_step(self, values) -> np.ndarray:
         """Per-asset values times each step's length: (n,) -> (n, n_steps) [value * h]."""
         return np.asarray(values, dtype=float)[:, None] * self.step_h[None, :]

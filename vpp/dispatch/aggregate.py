@@ -169,7 +169,9 @@ class AggregateResult:
     the order of the park's fleet; ``bus_mismatch_kw`` is the largest difference between a
     virtual asset's plan and the sum of its members' setpoints.  ``base_violations``
     counts the grid limits the members' base-step setpoints break in the AC check (coarse
-    horizons; ``rounds`` plans were made to get there); the seconds split the cycle.
+    horizons; ``rounds`` plans were made to get there), ``strict_violations`` those of
+    them in the first ``settings.strict_hours`` (all of them without a window); the
+    seconds split the cycle.
     """
 
     virtual: DispatchResult
@@ -186,6 +188,7 @@ class AggregateResult:
     total_s: float = 0.0
     base_check_s: float = 0.0
     base_violations: int = 0
+    strict_violations: int = 0
     rounds: int = 1
 
     @property
@@ -223,6 +226,8 @@ class AggregateDispatcher:
         self.dispatcher.previous = None
         problem = self.dispatcher.problem
         limits = base_limits(self.park.grid, inputs)  # v_min, v_max, branch %, import, export per base step
+        hours = self.park.settings.strict_hours
+        strict = len(inputs.index) if hours is None else int(np.ceil(hours / self.park.settings.dt_h - 1e-9))
         base_s = solve_s = solver_s = ac_s = dis_s = 0.0
         for round_ in range(_BASE_ROUNDS + 1):
             virtual = self.dispatcher.dispatch(inputs, state)
@@ -238,19 +243,25 @@ class AggregateDispatcher:
             violations = count_violations(ac, *limits)
             problem.fold_base_check(ac, limits[2])
             base_s += time.perf_counter() - t0
-            if violations.sum() == 0 or round_ == _BASE_ROUNDS:
+            # Re-plan for the quarter hours the next cycles carry out; further out the
+            # margins folded above shape the next cycle's plan instead.
+            if violations[:strict].sum() == 0 or round_ == _BASE_ROUNDS:
                 break
-        base_violations = int(violations.sum()) if virtual.ok and not problem.horizon.uniform else 0
+        checked = virtual.ok and not problem.horizon.uniform
+        base_violations = int(violations.sum()) if checked else 0
+        strict_violations = int(violations[:strict].sum()) if checked else 0
         if base_violations:
             virtual.reason = (f"{base_violations} grid limit violation(s) remain in the quarter hours of coarse "
-                              f"planning steps after {round_ + 1} plan(s)")
+                              f"planning steps after {round_ + 1} plan(s)"
+                              + (f", {strict_violations} of them in the first {hours:g} h" if hours is not None else ""))
         total = time.perf_counter() - t_start
         return AggregateResult(
             virtual=virtual, p_kw=p_kw, details=details, bus_mismatch_kw=mismatch,
             window_conflicts=sum(getattr(f, "window_conflicts", 0) for f in problem.fleets.values()),
             n_virtual=sum(f.n for f in problem.fleets.values()), solve_s=solve_s, solver_s=solver_s, ac_check_s=ac_s,
             aggregate_s=total - solve_s - ac_s - dis_s - base_s, disaggregate_s=dis_s, total_s=total,
-            base_check_s=base_s, base_violations=base_violations, rounds=round_ + 1,
+            base_check_s=base_s, base_violations=base_violations, strict_violations=strict_violations,
+            rounds=round_ + 1,
         )
 
     def _split(self, virtual: DispatchResult, inputs: HorizonInputs, state):

@@ -61,13 +61,17 @@ class Dispatcher:
     """Plans a park cycle after cycle, reusing one compiled problem."""
 
     def __init__(self, park, problem: DispatchProblem | None = None, strict_steps: int | None = None):
-        """``strict_steps``: re-solve only for AC violations within this many first steps
-        (None: the whole horizon).  Violations further out are folded into the linear
-        model for the next cycle instead; the simulator uses this, since only the first
+        """``strict_steps``: re-solve only for grid-limit violations (AC, or relaxed grid
+        rows the plan breaks) within this many first planning steps; None takes
+        ``settings.strict_hours`` (None there: the whole horizon).  Violations further out
+        are folded into the linear model for the next cycle instead, since only the first
         steps of a receding plan are ever carried out."""
         self.park = park
         self.problem = problem or DispatchProblem(park)
         self.previous: DispatchResult | None = None
+        hours = park.settings.strict_hours
+        if strict_steps is None and hours is not None:
+            strict_steps = self.problem.horizon.steps_within(hours)
         self.strict_steps = strict_steps
         self.solver_s = 0.0  # time inside the solver during the last cycle
 
@@ -104,7 +108,7 @@ class Dispatcher:
             t0 = time.perf_counter()
             failure = self._solve(remaining_s)
             # Lazy grid rows: re-solve while the plan breaks rows left out of the LP.
-            while not failure and problem.activate_broken_rows():
+            while not failure and problem.activate_broken_rows(self.strict_steps):
                 remaining_s = settings.time_budget_s - (time.perf_counter() - t_start)
                 failure = (self._solve(remaining_s) if remaining_s > 0
                            else f"time budget of {settings.time_budget_s:g} s spent activating grid rows")

@@ -211,6 +211,10 @@ class DispatchProblem:
             nb = len(injection_buses)
             p_bus_var = cp.Variable((nb, T), name="bus_p_kw")
             constraints.append(p_bus_var == p_bus)
+            # The connection's balance over the buses, not over every asset: one row per
+            # step with a coefficient per bus instead of per asset (dense rows slow the
+            # interior point's linear algebra; docs/performance.md).
+            net_p = cp.sum(p_bus_var, axis=0)
             sparse_grid = self._use_sparse_grid(injection_buses, asset_buses)
             # Reactive power of fixed loads alone is a parameter: in the dense form it moves the
             # right-hand sides only; the sparse form's per-step switch needs it as a variable.
@@ -714,8 +718,10 @@ class DispatchProblem:
               + self.vm_corr_pu)
         return util, vm
 
-    def activate_broken_rows(self) -> int:
-        """Activate every relaxed grid row the solved plan breaks; return how many."""
+    def activate_broken_rows(self, within_steps: int | None = None) -> int:
+        """Activate every relaxed grid row the solved plan breaks; return how many of them
+        lie in the first ``within_steps`` planning steps (None: anywhere).  Rows broken
+        further out are activated all the same, for the next solve."""
         if not self.park.settings.lazy_grid_rows:
             return 0
         util, vm = self.grid_rows(*self.bus_injections(*self.injections()))
@@ -732,6 +738,8 @@ class DispatchProblem:
             self.lazy_rounds += 1
             self._set_flow_cap()
             self._set_voltage_band()
+            if within_steps is not None:
+                n = int(broken_flow[:, :within_steps].sum() + broken_vm[:, :within_steps].sum())
         return n
 
     def relax_slack_rows(self) -> None:
