@@ -80,14 +80,15 @@ class RulesController(NoController):
 class OptimizerController:
     name = "optimizer"
 
-    # Plans must pass the AC check over the steps carried out before the next re-plans;
-    # violations further out tighten the next cycle's linear model instead.
+    # Plans must pass the grid checks over the steps carried out before the next re-plans;
+    # violations further out tighten the next cycle's linear model instead.  The park's
+    # own dispatch.strict_hours wins where it is set.
     STRICT_HOURS = 2.0
 
     def __init__(self, park, replan_every: int = 1):
         self.park = park
-        strict = max(int(round(self.STRICT_HOURS / park.settings.dt_h)), int(replan_every))
-        self.dispatcher = Dispatcher(park, strict_steps=strict)
+        hours = park.settings.strict_hours or self.STRICT_HOURS
+        self.dispatcher = Dispatcher(park, strict_hours=max(hours, replan_every * park.settings.dt_h))
         self.replan_every = max(int(replan_every), 1)
         self.plan = None
         self.plan_step = 0

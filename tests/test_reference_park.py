@@ -211,3 +211,43 @@ def test_broken_rows_outside_the_strict_window_wait_for_the_next_solve(reference
     assert window.active_grid_rows[0] == everywhere.active_grid_rows[0] > before
     np.testing.assert_array_equal(window.active_vm, everywhere.active_vm)
     np.testing.assert_array_equal(window.active_flow, everywhere.active_flow)
+
+
+def test_overloads_on_rows_the_plan_never_saw_do_not_tighten_the_caps(reference_park):
+    """A branch row activated after the solve (outside the strict window) may be
+    overloaded in that plan's AC check because the LP did not have it, not because the
+    linear flows are off: ``correct`` must not shrink its cap for that (the next cycle
+    would be needlessly tight, or infeasible); the same overload on a row the plan did
+    have tightens it."""
+    import dataclasses
+
+    from vpp.dispatch.problem import DispatchProblem
+
+    start = pd.Timestamp("2025-07-15", tz=reference_park.site.timezone)
+    inputs = synthetic_series(reference_park, start, days=1).horizon(reference_park, start)
+    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
+    problem = DispatchProblem(reference_park)
+    problem.update(inputs, state)
+    problem.problem.solve(solver="HIGHS")
+    assert problem.activate_broken_rows(within_steps=0) == 0
+    unsolved = problem.unsolved_flow.copy()
+    assert unsolved.any()
+    P, Q = problem.bus_injections(*problem.injections())
+    ac = reference_park.grid.run_ac(P, Q)
+    # The AC check finds those rows 20 % over their limit.
+    loading = ac.loading_percent.copy()
+    for g, t in zip(*np.nonzero(unsolved)):
+        branches = problem.branch_groups[g]
+        loading[t, branches] = np.maximum(loading[t, branches], 1.2 * problem.branch_limit_percent[branches, t])
+    over = dataclasses.replace(ac, loading_percent=loading)
+    rel = np.array([(loading[:, g].T / problem.branch_limit_percent[g]).max(axis=0) for g in problem.branch_groups])
+    only_unsolved = ((rel > 1.0) & unsolved).any(axis=1) & ~((rel > 1.0) & ~unsolved).any(axis=1)
+    assert only_unsolved.any()
+    before = problem.flow_scale.copy()
+    problem.correct(over, P, Q)
+    np.testing.assert_array_equal(problem.flow_scale[only_unsolved], before[only_unsolved])
+    # Had the plan been solved with those rows, the same check would tighten them.
+    problem.flow_scale = before.copy()
+    problem.unsolved_flow[:] = False
+    problem.correct(over, P, Q)
+    assert np.all(problem.flow_scale[only_unsolved].min(axis=1) < before[only_unsolved].min(axis=1))

@@ -60,19 +60,17 @@ def base_limits(grid, inputs: HorizonInputs):
 class Dispatcher:
     """Plans a park cycle after cycle, reusing one compiled problem."""
 
-    def __init__(self, park, problem: DispatchProblem | None = None, strict_steps: int | None = None):
-        """``strict_steps``: re-solve only for grid-limit violations (AC, or relaxed grid
-        rows the plan breaks) within this many first planning steps; None takes
-        ``settings.strict_hours`` (None there: the whole horizon).  Violations further out
-        are folded into the linear model for the next cycle instead, since only the first
-        steps of a receding plan are ever carried out."""
+    def __init__(self, park, problem: DispatchProblem | None = None, strict_hours: float | None = None):
+        """``strict_hours`` (None: ``settings.strict_hours``; None there too: the whole
+        horizon): re-solve only for grid-limit violations (AC, or relaxed grid rows the
+        plan breaks) in the planning steps that start within these first hours.
+        Violations further out are folded into the linear model for the next cycle
+        instead, since only the first steps of a receding plan are ever carried out."""
         self.park = park
         self.problem = problem or DispatchProblem(park)
         self.previous: DispatchResult | None = None
-        hours = park.settings.strict_hours
-        if strict_steps is None and hours is not None:
-            strict_steps = self.problem.horizon.steps_within(hours)
-        self.strict_steps = strict_steps
+        hours = park.settings.strict_hours if strict_hours is None else strict_hours
+        self.strict_steps = None if hours is None else max(self.problem.horizon.steps_within(hours), 1)
         self.solver_s = 0.0  # time inside the solver during the last cycle
 
     def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> DispatchResult:

@@ -170,6 +170,7 @@ class DispatchProblem:
         asset_buses = asset_buses[self._voltage_can_bind(asset_buses, bus_p_min, bus_p_max, bus_q_max)]
         self.watched_buses = asset_buses
         self.active_flow = np.zeros((self.group_rep.size, T), bool)
+        self.unsolved_flow = np.zeros_like(self.active_flow)
         self.active_vm = np.zeros((asset_buses.size, T), bool)
         self.vm_corr_pu = np.zeros((asset_buses.size, T))
         # Coarse planning steps: how far a block's quarter hours stray from its mean (voltage
@@ -510,6 +511,7 @@ class DispatchProblem:
         self.active_vm = (hz.carry(self.active_vm, shift, 0.0) > 0.5 if lazy
                           else np.ones((self.watched_buses.size, T), bool))
         self.lazy_rounds = 0
+        self.unsolved_flow = np.zeros_like(self.active_flow)
         self._set_flow_cap()
         self._set_voltage_band()
 
@@ -728,6 +730,9 @@ class DispatchProblem:
         broken_flow = ~self.active_flow & (util > 1.0 + _LAZY_TOL)
         broken_vm = ~self.active_vm & ((vm < self.v_min_pu - _LAZY_TOL) | (vm > self.v_max_pu + _LAZY_TOL))
         n = int(broken_flow.sum() + broken_vm.sum())
+        # Rows the current plan has not seen: its AC overloads there say nothing about the
+        # linear model's error (see correct).
+        self.unsolved_flow = _widen(broken_flow, _LAZY_WIDEN_STEPS) if n else np.zeros_like(broken_flow)
         if n:
             # A plan pushed off one limit step lands on its neighbours, and rows close to
             # their limit are next: take them in as well.
@@ -777,7 +782,10 @@ class DispatchProblem:
             # Each group's loading relative to its limit: the worst member counts.
             rel = np.array([(ac.loading_percent[:, g].T / self.branch_limit_percent[g]).max(axis=0)
                             for g in self.branch_groups])
-            loading, limit = rel, np.ones_like(rel)
+            # Only rows the plan was solved with: an overload where a row was relaxed (and
+            # just activated) is the missing row's, not the linearisation's.
+            loading = np.where(self.unsolved_flow, 0.0, rel)
+            limit = np.ones_like(rel)
             ratio = np.where(loading > limit, limit / np.maximum(loading, 1e-9), 1.0).min(axis=1)
             # A plan that flattens load against a limit moves an overload to the neighbouring
             # steps, so every step near the limit shares its branch's worst ratio.
