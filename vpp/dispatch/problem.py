@@ -212,9 +212,8 @@ class DispatchProblem:
             nb = len(injection_buses)
             p_bus_var = cp.Variable((nb, T), name="bus_p_kw")
             constraints.append(p_bus_var == p_bus)
-            # The connection's balance over the buses, not over every asset: one row per
-            # step with a coefficient per bus instead of per asset (dense rows slow the
-            # interior point's linear algebra; docs/performance.md).
+            # The connection's balance over the buses, not over every asset: a coefficient
+            # per bus instead of per asset in each step's row.
             net_p = cp.sum(p_bus_var, axis=0)
             sparse_grid = self._use_sparse_grid(injection_buses, asset_buses)
             # Reactive power of fixed loads alone is a parameter: in the dense form it moves the
@@ -732,7 +731,7 @@ class DispatchProblem:
         n = int(broken_flow.sum() + broken_vm.sum())
         # Rows the current plan has not seen: its AC overloads there say nothing about the
         # linear model's error (see correct).
-        self.unsolved_flow = _widen(broken_flow, _LAZY_WIDEN_STEPS) if n else np.zeros_like(broken_flow)
+        self.unsolved_flow = _widen(broken_flow, _LAZY_WIDEN_STEPS) & ~self.active_flow
         if n:
             # A plan pushed off one limit step lands on its neighbours, and rows close to
             # their limit are next: take them in as well.
