@@ -129,7 +129,8 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
     fast = AggregateDispatcher(park, group_by=group_by)
     problem = fast.dispatcher.problem
     size_lp = problem.problem.size_metrics
-    print(f"  clustering and problem build {time.perf_counter() - t0:.2f} s: {problem.horizon.n_steps} planning steps, "
+    print(f"  clustering, problem build and cvxpy compile {time.perf_counter() - t0:.2f} s (compile "
+          f"{fast.compile_s:.2f} s): {problem.horizon.n_steps} planning steps, "
           f"{sum(f.n for f in problem.fleets.values())} virtual assets, "
           f"{sum(getattr(f, 'n_groups', f.n) for f in problem.fleets.values())} plans, grid rows {problem.grid_form}, "
           f"{size_lp.num_scalar_variables} variables, {size_lp.num_scalar_eq_constr + size_lp.num_scalar_leq_constr} "

@@ -306,3 +306,16 @@ def test_strict_window_replans_only_for_quarter_hours_it_covers(monkeypatch):
             # Left for the next cycle, and said so: none of them inside the window.
             assert result.base_violations > 0 and result.strict_violations == 0
             assert f"0 of them in the first {hours:g} h" in result.virtual.reason
+
+
+def test_portfolio_lp_is_compiled_at_start_up_and_reused_by_the_first_cycle():
+    """AggregateDispatcher compiles its LP when it is built; the first cycle writes
+    parameter values into that compiled program instead of compiling again."""
+    park = synthetic_portfolio(40, seed=4, size=SMALL)
+    fast = AggregateDispatcher(park)
+    compiled = fast.dispatcher.problem.problem._cache.param_prog
+    assert compiled is not None and fast.compile_s > 0
+    inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    assert fast.dispatch(inputs, state).ok
+    assert fast.dispatcher.problem.problem._cache.param_prog is compiled

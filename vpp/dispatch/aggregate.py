@@ -211,6 +211,8 @@ class AggregateDispatcher:
         self.park = park
         self.virtual_park = aggregate_park(park, group_by)
         self.dispatcher = Dispatcher(self.virtual_park)
+        # Portfolios are large: compile at start-up rather than in the first cycle.
+        self.compile_s = self.dispatcher.compile()
 
     def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> AggregateResult:
         """Plan the horizon from the members' forecasts and states; setpoints for every member.
