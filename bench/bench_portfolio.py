@@ -18,8 +18,10 @@ Parts (each seeded, so two runs build the same portfolios):
              transformers on six 10 kV cables of five substations each):
              ``--cycles`` consecutive full cycles (forecast update, solve, AC check of the
              planning steps, member setpoints out, then every member's 96 setpoints
-             checked against its limits and by AC power flow), seconds per phase, LP
-             size, violations, peak memory.
+             checked against its limits and by AC power flow; then every member carries
+             out its first setpoint through its plant model, so the next cycle starts
+             from the state this one left), seconds per phase, LP size, violations, peak
+             memory.
              ``--large-horizon coarse`` plans in 15-minute steps for 2 h, half hours to 6 h
              and hours to 24 h (34 planning steps; setpoints stay per 15 minutes).
              ``--strict-hours`` (default 2; 0 for the whole horizon): a cycle re-plans
@@ -59,6 +61,9 @@ def peak_rss_mib() -> float:
 
 
 COARSE = [[2, 0.25], [6, 0.5], [24, 1.0]]
+# Quarter hours for the 2 hours a cycle carries out before the next ones, then hours and two-hour blocks.
+COARSER = [[2, 0.25], [6, 1.0], [24, 2.0]]
+HORIZONS = {"uniform": None, "coarse": COARSE, "coarser": COARSER}
 
 
 def _portfolio(n: int, seed: int, start: str, size: FeederSize = FeederSize(), settings: dict | None = None):
@@ -121,7 +126,7 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
     window = "the whole horizon" if strict_hours is None else f"the first {strict_hours:g} h"
     print(f"== large: aggregate method ({group_by}, {horizon} horizon, re-planning for violations in {window}) on "
           f"{n} assets, {size.n_buses} buses, {cycles} consecutive cycles ==")
-    settings = {"horizon_resolution": COARSE} if horizon == "coarse" else {}
+    settings = {} if HORIZONS[horizon] is None else {"horizon_resolution": HORIZONS[horizon]}
     if strict_hours is not None:
         settings["strict_hours"] = strict_hours
     park, at, series, state = _portfolio(n, seed, start, size, settings)
@@ -163,6 +168,20 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
               f"{check.limit_violations} (worst {_worst(check)}); peak RSS {peak_rss_mib():.0f} MiB", flush=True)
         if not result.ok:
             print(f"    reason: {str(result.virtual.reason)[:300]}", flush=True)
+        state = _carry_out(park, series, state, first, when)
+
+
+def _carry_out(park, series, state: dict, setpoints_kw: dict[str, np.ndarray], when: pd.Timestamp) -> dict:
+    """Every member's state after it carried out its first setpoint for a quarter hour,
+    through its own plant model (as the simulator does): the next cycle starts where this
+    one's plan left the assets, not from the same state 15 minutes later."""
+    pos = series.position(when)
+    actual = {kind: {name: (v[:, 0] if isinstance(v, np.ndarray) and v.ndim == 2 else v) for name, v in f.items()}
+              for kind, f in series.step_forecast(park, pos, 1).items()}
+    if "charging_station" in actual:
+        actual["charging_station"]["time"] = when
+    return {kind: fleet.plant_step(state[kind], setpoints_kw[kind], actual.get(kind, {}), park.settings.dt_h)[0]
+            for kind, fleet in park.fleets.items()}
 
 
 def _worst(check) -> str:
@@ -209,7 +228,7 @@ def main() -> None:
                         help="the large portfolio's feeder: substations, LV feeders each, buses per LV feeder, "
                              "MV cables from the source the substations are spread over")
     parser.add_argument("--large-group-by", choices=("bus", "feeder", "portfolio"), default="feeder")
-    parser.add_argument("--large-horizon", choices=("coarse", "uniform"), default="coarse")
+    parser.add_argument("--large-horizon", choices=tuple(HORIZONS), default="coarse")
     parser.add_argument("--strict-hours", type=float, default=2.0,
                         help="large portfolio: re-plan within a cycle only for violations in these first hours "
                              "(0: anywhere in the horizon)")

@@ -251,6 +251,40 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
         assert infeasible.status == cp.INFEASIBLE
 
 
+def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
+    """A solve that starts from the last optimal basis (the next cycle's LP, prices and
+    load moved on) ends at the optimum a cold solve of the same LP finds, in fewer
+    simplex iterations; a basis of another LP shape is never handed over."""
+    import cvxpy as cp
+
+    from vpp.dispatch.highs import HighsArrays
+    from vpp.dispatch.problem import DispatchProblem
+
+    park = make_park([BATTERY, LOAD])
+    index = day_index()
+    load = office_load_kw(index, 120.0)
+    problem = DispatchProblem(park)
+    hot = HighsArrays(keep_basis=True)
+    problem.update(inputs_for(park, load), initial_state(park))
+    problem.problem.solve(solver=hot)
+    assert problem.problem.status == cp.OPTIMAL and hot.hot_starts == 0
+    later = inputs_for(park, np.roll(load, -8),
+                       buy_price_cny_per_kwh=np.roll(inputs_for(park, load).buy_price_cny_per_kwh, -8))
+    problem.update(later, initial_state(park))
+    problem.problem.solve(solver=hot)
+    hot_value, hot_iterations = problem.problem.value, problem.problem.solver_stats.num_iters
+    assert hot.hot_starts == 1
+    problem.problem.solve(solver=HighsArrays())
+    assert problem.problem.status == cp.OPTIMAL
+    assert hot_value == pytest.approx(problem.problem.value, rel=1e-9)
+    assert hot_iterations < problem.problem.solver_stats.num_iters
+    # Another LP through the same instance starts cold.
+    x = cp.Variable(3)
+    other = cp.Problem(cp.Minimize(cp.sum(x)), [x >= 1])
+    other.solve(solver=hot)
+    assert other.status == cp.OPTIMAL and hot.hot_starts == 1 and other.value == pytest.approx(3.0)
+
+
 def test_interior_point_reaches_the_simplex_optimum(make_park, monkeypatch):
     """lp_method "ipm" (HiGHS's interior point without crossover, chosen automatically
     for large LPs) publishes a plan as good as simplex's, within the battery's limits."""

@@ -18,14 +18,12 @@ import numpy as np
 import pandas as pd
 
 from vpp.assets import Horizon
-from vpp.dispatch.highs import HIGHS_ARRAYS
+from vpp.dispatch.highs import HighsArrays
 from vpp.dispatch.problem import DispatchProblem, HorizonInputs
 from vpp.dispatch.result import DispatchResult, count_violations
 
 log = logging.getLogger(__name__)
 
-# HiGHS through cvxpy, with the LP handed over as arrays (see vpp/dispatch/highs.py).
-_SOLVERS = {"HIGHS": HIGHS_ARRAYS, "CLARABEL": cp.CLARABEL}
 
 
 @functools.cache
@@ -72,13 +70,16 @@ class Dispatcher:
         hours = park.settings.strict_hours if strict_hours is None else strict_hours
         self.strict_steps = None if hours is None else max(self.problem.horizon.steps_within(hours), 1)
         self.solver_s = 0.0  # time inside the solver during the last cycle
+        # HiGHS through cvxpy, with the LP handed over as arrays (vpp/dispatch/highs.py);
+        # its simplex starts each solve from this dispatcher's last optimal basis.
+        self.solvers = {"HIGHS": HighsArrays(keep_basis=True), "CLARABEL": cp.CLARABEL}
 
     def compile(self) -> float:
         """Canonicalise the LP for the configured solver now, so that the first cycle does
         not pay cvxpy's compile (about 10 s for a 10,000-asset portfolio; later cycles
         only write parameter values).  Returns the seconds it took."""
         t0 = time.perf_counter()
-        self.problem.problem.get_problem_data(_SOLVERS[self.park.settings.solver])
+        self.problem.problem.get_problem_data(self.solvers[self.park.settings.solver])
         return time.perf_counter() - t0
 
     def dispatch(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]]) -> DispatchResult:
@@ -224,9 +225,9 @@ class Dispatcher:
                     options["highs_options"] = {"solver": "ipm", "run_crossover": "off"}
                 _silence_highs_banner()
                 # cvxpy passes HiGHS no basis, and its warm start makes re-solves slower.
-                self.problem.problem.solve(solver=_SOLVERS[solver], warm_start=False, **options)
+                self.problem.problem.solve(solver=self.solvers[solver], warm_start=False, **options)
             else:
-                self.problem.problem.solve(solver=_SOLVERS[solver], **options)
+                self.problem.problem.solve(solver=self.solvers[solver], **options)
         except cp.error.SolverError as error:
             return f"solver {solver} failed: {error}", True
         except Exception as error:  # a solver crash must not take the dispatch loop down
