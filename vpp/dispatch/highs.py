@@ -16,6 +16,9 @@ from cvxpy.error import SolverError
 from cvxpy.reductions.solvers.conic_solvers.highs_conif import HIGHS, unpack_highs_options_inplace
 from cvxpy.reductions.solvers.conic_solvers.conic_solver import dims_to_solver_dict
 import cvxpy.settings as s
+from cvxpy.reductions.solution import failure_solution
+
+_PRIMAL_SIMPLEX = 4  # HiGHS's simplex_strategy value for the primal simplex method
 
 
 class HighsArrays(HIGHS):
@@ -27,8 +30,10 @@ class HighsArrays(HIGHS):
     after presolve.  A re-solve within a cycle (grid rows switched on, caps tightened)
     and the next cycle's LP (the horizon moved on by a step) differ from the last one in
     their data only, and their optimal bases differ in a few hundred pivots: on the
-    reference park's year that took about a fifth to a quarter of the simplex iterations (measured in
-    docs/performance.md).  Interior point without crossover leaves no basis to keep.
+    reference park's cycles a hot start took a fifth to a third of the simplex
+    iterations of a cold one and, with primal simplex from the kept basis, a quarter less
+    time inside HiGHS (docs/performance.md).  Interior-point solves neither take nor
+    leave a basis.
     """
 
     MIP_CAPABLE = False
@@ -63,6 +68,7 @@ class HighsArrays(HIGHS):
         opts = dict(solver_opts)
         unpack_highs_options_inplace(opts)
         opts.pop("write_model_file", None)
+        shape = (n_rows, n_cols)
         solver.setOptionValue("log_to_console", verbose)
         for name, value in opts.items():
             if solver.setOptionValue(name, value) == hp.HighsStatus.kError:
@@ -74,9 +80,16 @@ class HighsArrays(HIGHS):
             np.asarray(A.data, dtype=np.float64), np.zeros(n_cols, dtype=np.int32))
         if status == hp.HighsStatus.kError:
             raise SolverError("HiGHS refused the model")
-        shape = (n_rows, n_cols)
-        basis = self._bases.pop(shape, None) if self.keep_basis else None
+        # Interior point ignores a basis, and a crossover's basis of a large LP is no
+        # start for the simplex method without presolve.
+        keep = self.keep_basis and opts.get("solver") != "ipm"
+        basis = self._bases.pop(shape, None) if keep else None
         hot = basis is not None and solver.setBasis(basis) != hp.HighsStatus.kError
+        strategy = solver.getOptionValue("simplex_strategy")
+        if hot and "simplex_strategy" not in opts:
+            # From the last basis, primal simplex took 8 % less time than dual over three
+            # days of the reference park's cycles (docs/performance.md).
+            solver.setOptionValue("simplex_strategy", _PRIMAL_SIMPLEX)
         try:
             solver.run()
             status = solver.getModelStatus()
@@ -86,9 +99,10 @@ class HighsArrays(HIGHS):
                     # A basis from other data may leave the simplex stuck where a cold start
                     # (presolve and a crash basis) is not: the result is the cold one's.
                     solver.clearSolver()
+                    solver.setOptionValue("simplex_strategy", strategy)
                     solver.run()
                     status = solver.getModelStatus()
-            if self.keep_basis and status == hp.HighsModelStatus.kOptimal:
+            if keep and status == hp.HighsModelStatus.kOptimal:
                 kept = solver.getBasis()
                 if kept.valid:
                     self._bases[shape] = kept
@@ -98,11 +112,18 @@ class HighsArrays(HIGHS):
                 "model_status": solver.getModelStatus().name,
                 "run_time": solver.getRunTime(),
             }
-            if results["model_status"] == "kInfeasible":
-                results["dual_ray"] = solver.getDualRay()
         except ValueError as error:
             raise SolverError(error) from error
         return results
+
+    def invert(self, results, inverse_data):
+        """cvxpy's result mapping, except that an infeasible LP comes back without a
+        certificate: the dispatch never reads one, and HiGHS finds its dual ray by running
+        the simplex method, which after an interior-point solve of a large portfolio LP
+        takes longer than the cycle."""
+        if results["model_status"] == "kInfeasible":
+            return failure_solution(s.INFEASIBLE, {s.SOLVE_TIME: results["run_time"], s.EXTRA_STATS: results["info"]})
+        return super().invert(results, inverse_data)
 
 
 HIGHS_ARRAYS = HighsArrays()
