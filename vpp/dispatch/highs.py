@@ -18,8 +18,6 @@ from cvxpy.reductions.solvers.conic_solvers.conic_solver import dims_to_solver_d
 import cvxpy.settings as s
 from cvxpy.reductions.solution import failure_solution
 
-_PRIMAL_SIMPLEX = 4  # HiGHS's simplex_strategy value for the primal simplex method
-
 
 class HighsArrays(HIGHS):
     """cvxpy's HiGHS conic interface, passing the LP to HiGHS as arrays (LPs only).
@@ -30,9 +28,8 @@ class HighsArrays(HIGHS):
     after presolve.  A re-solve within a cycle (grid rows switched on, caps tightened)
     and the next cycle's LP (the horizon moved on by a step) differ from the last one in
     their data only, and their optimal bases differ in a few hundred pivots: on the
-    reference park's cycles a hot start took a fifth to a third of the simplex
-    iterations of a cold one and, with primal simplex from the kept basis, a quarter less
-    time inside HiGHS (docs/performance.md).  Interior-point solves neither take nor
+    reference park's cycles a hot start took a fifth to a quarter of the simplex
+    iterations of a cold one and a fifth less time inside HiGHS (docs/performance.md).  Interior-point solves neither take nor
     leave a basis.
     """
 
@@ -85,11 +82,6 @@ class HighsArrays(HIGHS):
         keep = self.keep_basis and opts.get("solver") != "ipm"
         basis = self._bases.pop(shape, None) if keep else None
         hot = basis is not None and solver.setBasis(basis) != hp.HighsStatus.kError
-        strategy = solver.getOptionValue("simplex_strategy")
-        if hot and "simplex_strategy" not in opts:
-            # From the last basis, primal simplex took 8 % less time than dual over three
-            # days of the reference park's cycles (docs/performance.md).
-            solver.setOptionValue("simplex_strategy", _PRIMAL_SIMPLEX)
         try:
             solver.run()
             status = solver.getModelStatus()
@@ -99,7 +91,6 @@ class HighsArrays(HIGHS):
                     # A basis from other data may leave the simplex stuck where a cold start
                     # (presolve and a crash basis) is not: the result is the cold one's.
                     solver.clearSolver()
-                    solver.setOptionValue("simplex_strategy", strategy)
                     solver.run()
                     status = solver.getModelStatus()
             if keep and status == hp.HighsModelStatus.kOptimal:
