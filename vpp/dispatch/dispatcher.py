@@ -25,7 +25,6 @@ from vpp.dispatch.result import DispatchResult, count_violations
 log = logging.getLogger(__name__)
 
 
-
 @functools.cache
 def _silence_highs_banner() -> None:
     """HiGHS prints a copyright banner to stdout the first time a solver is created in a
@@ -224,7 +223,8 @@ class Dispatcher:
                     # Nested: cvxpy's solve() has a "solver" argument of its own.
                     options["highs_options"] = {"solver": "ipm", "run_crossover": "off"}
                 _silence_highs_banner()
-                # cvxpy passes HiGHS no basis, and its warm start makes re-solves slower.
+                # cvxpy's warm start hands HiGHS primal values, not a basis (and made
+                # re-solves slower); HighsArrays keeps the basis itself.
                 self.problem.problem.solve(solver=self.solvers[solver], warm_start=False, **options)
             else:
                 self.problem.problem.solve(solver=self.solvers[solver], **options)
