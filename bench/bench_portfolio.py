@@ -50,6 +50,7 @@ import pandas as pd
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sim.simulator import actual_conditions  # noqa: E402
 from vpp.dispatch.aggregate import AggregateDispatcher, evaluate_plan  # noqa: E402
 from vpp.dispatch.dispatcher import Dispatcher  # noqa: E402
 from vpp.dispatch.grid import GridModel  # noqa: E402
@@ -175,11 +176,7 @@ def _carry_out(park, series, state: dict, setpoints_kw: dict[str, np.ndarray], w
     """Every member's state after it carried out its first setpoint for a quarter hour,
     through its own plant model (as the simulator does): the next cycle starts where this
     one's plan left the assets, not from the same state 15 minutes later."""
-    pos = series.position(when)
-    actual = {kind: {name: (v[:, 0] if isinstance(v, np.ndarray) and v.ndim == 2 else v) for name, v in f.items()}
-              for kind, f in series.step_forecast(park, pos, 1).items()}
-    if "charging_station" in actual:
-        actual["charging_station"]["time"] = when
+    actual = actual_conditions(series, park, series.position(when))
     return {kind: fleet.plant_step(state[kind], setpoints_kw[kind], actual.get(kind, {}), park.settings.dt_h)[0]
             for kind, fleet in park.fleets.items()}
 

@@ -78,7 +78,7 @@ def simulate(park, series, n_steps: int, controller: str = "optimizer", forecast
         now = series.index[t]
         cmd: StepCommand = ctrl.command(t, series, state, forecaster)
         statuses[t] = cmd.status
-        actual = _actual(series, park, t)
+        actual = actual_conditions(series, park, t)
         if cmd.station_battery_kw is not None and "charging_station" in actual:
             actual["charging_station"]["battery_kw"] = cmd.station_battery_kw
         if cmd.station_ev_kw is not None and "charging_station" in actual:
@@ -145,7 +145,7 @@ def _record(records, ids, name, t, values, n_steps):
         records[key][t] = value
 
 
-def _actual(series, park, t: int) -> dict[str, dict]:
+def actual_conditions(series, park, t: int) -> dict[str, dict]:
     """The actual conditions of step ``t`` per kind, as the plant models read them."""
     out = {k: {name: (v[:, 0] if isinstance(v, np.ndarray) and v.ndim == 2 else v) for name, v in f.items()}
            for k, f in series.step_forecast(park, t, 1).items()}

@@ -226,7 +226,7 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
     and dual values, same statuses as cvxpy's own HiGHS interface."""
     import cvxpy as cp
 
-    from vpp.dispatch.highs import HIGHS_ARRAYS
+    from vpp.dispatch.highs import HighsArrays
     from vpp.dispatch.problem import DispatchProblem
 
     park = make_park([BATTERY, LOAD])
@@ -234,7 +234,7 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
     problem = DispatchProblem(park)
     problem.update(inputs_for(park, office_load_kw(index, 120.0)), initial_state(park))
     solved = {}
-    for solver in (cp.HIGHS, HIGHS_ARRAYS):
+    for solver in (cp.HIGHS, HighsArrays()):
         problem.problem.solve(solver=solver)
         assert problem.problem.status == cp.OPTIMAL
         solved[solver if isinstance(solver, str) else "arrays"] = (
@@ -246,7 +246,7 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
     # An infeasible LP maps to cvxpy's INFEASIBLE through either path.
     x = cp.Variable(2)
     infeasible = cp.Problem(cp.Minimize(cp.sum(x)), [x >= 1, cp.sum(x) <= 1])
-    for solver in (cp.HIGHS, HIGHS_ARRAYS):
+    for solver in (cp.HIGHS, HighsArrays()):
         infeasible.solve(solver=solver)
         assert infeasible.status == cp.INFEASIBLE
 
@@ -288,16 +288,16 @@ def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
 def test_interior_point_reaches_the_simplex_optimum(make_park, monkeypatch):
     """lp_method "ipm" (HiGHS's interior point without crossover, chosen automatically
     for large LPs) publishes a plan as good as simplex's, within the battery's limits."""
-    from vpp.dispatch.highs import HIGHS_ARRAYS
+    from vpp.dispatch.highs import HighsArrays
 
     methods = []
-    solve = type(HIGHS_ARRAYS).solve_via_data
+    solve = HighsArrays.solve_via_data
 
     def recording(self, data, warm_start, verbose, solver_opts, solver_cache=None):
         methods.append(solver_opts.get("highs_options", {}).get("solver", "simplex"))
         return solve(self, data, warm_start, verbose, solver_opts, solver_cache)
 
-    monkeypatch.setattr(type(HIGHS_ARRAYS), "solve_via_data", recording)
+    monkeypatch.setattr(HighsArrays, "solve_via_data", recording)
     load = office_load_kw(day_index(), 120.0)
     plans = {}
     for method in ("simplex", "ipm"):

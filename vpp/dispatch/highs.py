@@ -3,7 +3,7 @@
 cvxpy's own HiGHS interface fills a ``highspy.HighsModel`` field by field; for the
 reference park's LP (about 8,000 rows, 2,000 columns) that copy costs about 20 ms per
 solve, as much as HiGHS's own simplex on a typical re-solve.  ``highspy.Highs.passModel``
-also takes the LP as NumPy arrays, which costs about 2 ms.  :data:`HIGHS_ARRAYS` is
+also takes the LP as NumPy arrays, which costs about 2 ms.  :class:`HighsArrays` is
 cvxpy's interface with only that hand-over changed (a custom solver in cvxpy's sense:
 same canonicalisation, same result mapping, its own name), so the solution, the duals,
 the statuses and ``solver_stats.solve_time`` are what cvxpy's HIGHS gives.
@@ -48,7 +48,7 @@ class HighsArrays(HIGHS):
         import highspy as hp
 
         if data[s.BOOL_IDX] or data[s.INT_IDX]:
-            raise SolverError("HIGHS_ARRAYS solves linear programs only")
+            raise SolverError("HighsArrays solves linear programs only")
         solver = hp.Highs()
         inf = solver.inf
         dims = dims_to_solver_dict(data[s.DIMS])
@@ -116,5 +116,3 @@ class HighsArrays(HIGHS):
             return failure_solution(s.INFEASIBLE, {s.SOLVE_TIME: results["run_time"], s.EXTRA_STATS: results["info"]})
         return super().invert(results, inverse_data)
 
-
-HIGHS_ARRAYS = HighsArrays()
