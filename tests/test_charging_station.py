@@ -113,3 +113,20 @@ def test_slot_energy_is_its_share_of_its_charger_on_a_coarse_step():
     slot = [f.slot_sessions.index(sid) for sid in report.index]
     np.testing.assert_allclose(report["planned_kwh"], expected_kwh[slot], atol=1e-9)
     assert report.loc["c", "planned_kwh"] + report.loc["c", "unmet_kwh"] == pytest.approx(5.0, abs=1e-6)
+
+
+def test_sessions_are_read_afresh_from_a_new_table_and_net_of_delivered_energy():
+    # The fleet keeps one table's sessions as arrays; a new table (the service builds one
+    # per cycle) must replace them, and the state's delivered energy must always count.
+    f = ChargingStationFleet([parse_asset_spec(SPEC)])
+    index = pd.date_range(ts("08:00"), periods=8, freq="15min")
+    first = sessions(("a", "hub", "ac", ts("08:00"), ts("10:00"), 10.0, 7.0))
+    _, req, names = f._slot_bounds(first, {}, index, 0.25)
+    assert [n for n in names if n] == ["a"] and req.sum() == pytest.approx(10.0)
+    _, req, _ = f._slot_bounds(first, {"delivered_kwh": {"a": 4.0}}, index, 0.25)
+    assert req.sum() == pytest.approx(6.0)
+    _, req, names = f._slot_bounds(first, {"delivered_kwh": {"a": 10.0}}, index, 0.25)
+    assert not any(names) and req.sum() == 0.0
+    second = sessions(("b", "hub", "dc", ts("08:30"), ts("10:00"), 25.0, 60.0))
+    _, req, names = f._slot_bounds(second, {"delivered_kwh": {"a": 4.0}}, index, 0.25)
+    assert [n for n in names if n] == ["b"] and req.sum() == pytest.approx(25.0)

@@ -147,6 +147,15 @@ class ChargingStationFleet(Fleet):
         self.p = p
         return Contribution(p_kw=p, constraints=constraints, costs_cny=costs)
 
+    def _sessions(self, sessions: pd.DataFrame) -> "_SessionArrays":
+        """``sessions`` as arrays, converted once per table (a simulated year filters
+        the same table of thousands of sessions every step; a new table, as the service
+        builds each cycle, is converted again)."""
+        cached = getattr(self, "_session_cache", None)
+        if cached is None or cached.frame is not sessions:
+            cached = self._session_cache = _SessionArrays(sessions, self.ids)
+        return cached
+
     def _slot_bounds(self, sessions: pd.DataFrame | None, state, index: pd.DatetimeIndex, dt_h: float):
         """Upper bounds (n_slots, T) and energy requirements (n_slots,) for this horizon, of
         the sessions that overlap it, less the energy already delivered (per ``state``)."""
@@ -157,52 +166,45 @@ class ChargingStationFleet(Fleet):
         self.deferred_sessions = []
         if sessions is None or len(sessions) == 0:
             return ub, req, names
-        missing = [c for c in SESSION_COLUMNS if c not in sessions.columns]
-        if missing:
-            raise SpecError("charging_station.sessions", f"missing columns {missing}")
-        horizon_end = index[-1] + pd.Timedelta(hours=dt_h)
-        # A year holds thousands of sessions: only those overlapping the horizon go further.
-        sessions = self._remaining(sessions[(sessions["departure"] > index[0]) & (sessions["arrival"] < horizon_end)],
-                                   state)
-        sessions = sessions[sessions["energy_kwh"] > 0].sort_values("arrival", kind="stable")
-        deferred: list[str] = []
-        self.deferred_sessions = deferred
-        if len(sessions) == 0:
-            return ub, req, names
-        # Plain arrays: pandas lookups per session cost more than the rest of the cycle.
+        table = self._sessions(sessions)
         start_ns = index.asi8
         step_ns = int(round(dt_h * 3600e9))
-        arrival_ns = pd.DatetimeIndex(sessions["arrival"]).asi8
-        departure_ns = pd.DatetimeIndex(sessions["departure"]).asi8
-        end_ns = int(horizon_end.value)
-        energy_kwh = sessions["energy_kwh"].to_numpy(float)
-        max_kw = sessions["max_kw"].to_numpy(float)
+        end_ns = int(start_ns[-1]) + step_ns
+        # A year holds thousands of sessions: only those overlapping the horizon go further.
+        rows = np.flatnonzero((table.departure_ns > start_ns[0]) & (table.arrival_ns < end_ns))
+        energy_kwh = table.remaining_kwh(rows, state.get("delivered_kwh"))
+        keep = energy_kwh > 0
+        rows, energy_kwh = rows[keep], energy_kwh[keep]
+        order = np.argsort(table.arrival_ns[rows], kind="stable")
+        rows, energy_kwh = rows[order], energy_kwh[order]
+        deferred: list[str] = []
+        self.deferred_sessions = deferred
         busy_until: dict[tuple[str, str], int] = {}
-        for k, (sid, station, charger) in enumerate(zip(sessions["session_id"], sessions["station_id"],
-                                                        sessions["charger_id"])):
-            key = (station, charger)
+        for row, energy in zip(rows.tolist(), energy_kwh.tolist()):
+            sid, key = table.session_id[row], (table.station_id[row], table.charger_id[row])
+            arrival, departure = int(table.arrival_ns[row]), int(table.departure_ns[row])
             slots = self.charger_slots.get(key)
             if slots is None:
                 raise SpecError("charging_station.sessions",
-                                f"session {sid!r}: no charger {charger!r} at station {station!r}")
-            if key in busy_until and arrival_ns[k] < busy_until[key]:
+                                f"session {sid!r}: no charger {key[1]!r} at station {key[0]!r}")
+            if key in busy_until and arrival < busy_until[key]:
                 raise SpecError("charging_station.sessions",
-                                f"session {sid!r} overlaps the previous session on charger {charger!r}")
+                                f"session {sid!r} overlaps the previous session on charger {key[1]!r}")
             slot = next((j for j in slots if names[j] is None), None)
             if slot is None:
                 # More sessions on this charger than it has slots: the latest arrivals wait
                 # for a later cycle, by which time the earlier sessions have left the horizon.
                 deferred.append(sid)
                 continue
-            busy_until[key] = departure_ns[k]
+            busy_until[key] = departure
             names[slot] = sid
             # A step counts as plugged in only if the car is there for the whole step.
-            plugged = (start_ns >= arrival_ns[k]) & (start_ns + step_ns <= departure_ns[k])
-            slot_kw = min(float(max_kw[k]), self.slot_rating_kw[slot])
+            plugged = (start_ns >= arrival) & (start_ns + step_ns <= departure)
+            slot_kw = min(float(table.max_kw[row]), self.slot_rating_kw[slot])
             ub[slot] = np.where(plugged, slot_kw, 0.0)
             # Energy the car can still get after the horizon ends counts as not needed now.
-            hours_after = max((departure_ns[k] - end_ns) / 3600e9, 0.0)
-            req[slot] = max(float(energy_kwh[k]) - slot_kw * self.slot_eff[slot] * hours_after, 0.0)
+            hours_after = max((departure - end_ns) / 3600e9, 0.0)
+            req[slot] = max(energy - slot_kw * self.slot_eff[slot] * hours_after, 0.0)
         return ub, req, names
 
     def update(self, state, forecast, penalties: Penalties) -> None:
@@ -227,14 +229,6 @@ class ChargingStationFleet(Fleet):
         if self.bat_owner.size:
             self.storage.update(state["e_kwh"], "charging_station.e_kwh")
         self.unmet_price.value = penalties.ev_unmet_cny_per_kwh
-
-    @staticmethod
-    def _remaining(sessions: pd.DataFrame, state) -> pd.DataFrame:
-        """Sessions with the energy already delivered (per the state) taken off."""
-        if len(sessions) == 0 or not state.get("delivered_kwh"):
-            return sessions
-        delivered = sessions["session_id"].map(state["delivered_kwh"]).fillna(0.0)
-        return sessions.assign(energy_kwh=(sessions["energy_kwh"] - delivered).clip(lower=0.0))
 
     def fallback_kw(self, state, forecast, horizon: Horizon) -> np.ndarray:
         """No plan: PV at full output, battery idle, every car at full power, capped at the import limit."""
@@ -263,18 +257,16 @@ class ChargingStationFleet(Fleet):
 
     def session_report(self) -> pd.DataFrame:
         """Per planned session: energy requested in the horizon, planned and unmet [kWh]."""
-        rows = []
-        for k, sid in enumerate(self.slot_sessions):
-            if sid is None:
-                continue
-            rows.append({
-                "station_id": self.ids[self.slot_station[k]], "charger_id": self.slot_charger[k], "session_id": sid,
-                "requested_kwh": float(self.ev_req.value[k]),
-                "planned_kwh": float(self.slot_car_kwh.value[k]),
-                "unmet_kwh": float(max(self.ev_unmet.value[k], 0.0)),
-            })
-        return pd.DataFrame(rows, columns=["station_id", "charger_id", "session_id", "requested_kwh", "planned_kwh",
-                                           "unmet_kwh"])
+        used = [k for k, sid in enumerate(self.slot_sessions) if sid is not None]
+        planned = np.asarray(self.slot_car_kwh.value, float)[used] if used else np.zeros(0)
+        return pd.DataFrame({
+            "station_id": [self.ids[self.slot_station[k]] for k in used],
+            "charger_id": [self.slot_charger[k] for k in used],
+            "session_id": [self.slot_sessions[k] for k in used],
+            "requested_kwh": np.asarray(self.ev_req.value, float)[used],
+            "planned_kwh": planned,
+            "unmet_kwh": np.maximum(np.asarray(self.ev_unmet.value, float)[used], 0.0),
+        })
 
     # --- plant -----------------------------------------------------------------------------------
 
@@ -308,26 +300,30 @@ class ChargingStationFleet(Fleet):
         ev = np.zeros(self.n)
         sessions = actual.get("sessions")
         if sessions is not None and len(sessions):
-            now = actual["time"]
-            here = sessions[(sessions["arrival"] <= now) & (sessions["departure"] >= now + pd.Timedelta(hours=dt_h))]
+            table = self._sessions(sessions)
+            now_ns = actual["time"].value
+            here = np.flatnonzero((table.arrival_ns <= now_ns)
+                                  & (table.departure_ns >= now_ns + int(round(dt_h * 3600e9))))
             for i, station_id in enumerate(self.ids):
-                cars = here[here["station_id"] == station_id]
-                if len(cars) > 1:
+                cars = here[table.station_pos[here] == i]
+                if cars.size > 1:
                     # Least laxity first: the car with the least spare time before it must leave.
-                    need = (cars["energy_kwh"] - cars["session_id"].map(delivered).fillna(0.0)).clip(lower=0.0)
-                    hours_left = (cars["departure"] - now).dt.total_seconds() / 3600.0
-                    cars = cars.assign(_laxity=hours_left - need / cars["max_kw"].clip(lower=1e-6)).sort_values("_laxity")
+                    need = table.remaining_kwh(cars, delivered)
+                    hours_left = (table.departure_ns[cars] - now_ns) / 3600e9
+                    laxity = hours_left - need / np.maximum(table.max_kw[cars], 1e-6)
+                    cars = cars[np.argsort(laxity, kind="stable")]
                 budget = ev_budget[i]
-                for row in cars.itertuples(index=False):
-                    eff = self._charger_efficiency(station_id, row.charger_id)
-                    rating = self._charger_rating(station_id, row.charger_id)
-                    need_kw = max(row.energy_kwh - delivered.get(row.session_id, 0.0), 0.0) / (eff * dt_h)
-                    p = min(budget, row.max_kw, rating, need_kw)
+                for row in cars.tolist():
+                    sid, charger_id = table.session_id[row], table.charger_id[row]
+                    eff = self._charger_efficiency(station_id, charger_id)
+                    rating = self._charger_rating(station_id, charger_id)
+                    need_kw = max(table.energy_kwh[row] - delivered.get(sid, 0.0), 0.0) / (eff * dt_h)
+                    p = min(budget, table.max_kw[row], rating, need_kw)
                     if p <= 0:
                         continue
                     budget -= p
                     ev[i] += p
-                    delivered[row.session_id] = delivered.get(row.session_id, 0.0) + p * eff * dt_h
+                    delivered[sid] = delivered.get(sid, 0.0) + p * eff * dt_h
         p_net = pv + bat - ev
         return {"e_kwh": e_next, "delivered_kwh": delivered}, p_net, {"ev_kw": ev, "pv_kw": pv, "battery_kw": bat}
 
@@ -336,3 +332,31 @@ class ChargingStationFleet(Fleet):
 
     def _charger_rating(self, station_id: str, charger_id: str) -> float:
         return self.slot_rating_kw[self.charger_slots[(station_id, charger_id)][0]]
+
+
+class _SessionArrays:
+    """A table of EV sessions (columns ``SESSION_COLUMNS``) as plain arrays, rows in the
+    table's order: boolean masks over them cost microseconds where the same selection
+    in pandas costs a millisecond, and the simulator selects every step."""
+
+    def __init__(self, sessions: pd.DataFrame, station_ids: list[str]):
+        missing = [c for c in SESSION_COLUMNS if c not in sessions.columns]
+        if missing:
+            raise SpecError("charging_station.sessions", f"missing columns {missing}")
+        self.frame = sessions  # the table these arrays were made from (the cache key)
+        self.session_id = sessions["session_id"].to_numpy(object)
+        self.station_id = sessions["station_id"].to_numpy(object)
+        self.charger_id = sessions["charger_id"].to_numpy(object)
+        self.arrival_ns = pd.DatetimeIndex(sessions["arrival"]).asi8
+        self.departure_ns = pd.DatetimeIndex(sessions["departure"]).asi8
+        self.energy_kwh = sessions["energy_kwh"].to_numpy(float)
+        self.max_kw = sessions["max_kw"].to_numpy(float)
+        # Position of each session's station in the fleet, -1 for stations it does not hold.
+        position = {sid: i for i, sid in enumerate(station_ids)}
+        self.station_pos = np.array([position.get(s, -1) for s in self.station_id], dtype=int)
+
+    def remaining_kwh(self, rows: np.ndarray, delivered_kwh: dict[str, float] | None) -> np.ndarray:
+        """Energy the sessions at ``rows`` still want, after what ``delivered_kwh`` says they got."""
+        done = (np.array([delivered_kwh.get(sid, 0.0) for sid in self.session_id[rows]], dtype=float)
+                if delivered_kwh else 0.0)
+        return np.clip(self.energy_kwh[rows] - done, 0.0, None)
