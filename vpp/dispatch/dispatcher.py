@@ -69,6 +69,7 @@ class Dispatcher:
         hours = park.settings.strict_hours if strict_hours is None else strict_hours
         self.strict_steps = None if hours is None else max(self.problem.horizon.steps_within(hours), 1)
         self.solver_s = 0.0  # time inside the solver during the last cycle
+        self._last_ac = None  # the last AC check, the start of the next
         # HiGHS through cvxpy, with the LP handed over as arrays (vpp/dispatch/highs.py);
         # its simplex starts each solve from this dispatcher's last optimal basis.
         self.solvers = {"HIGHS": HighsArrays(keep_basis=True), "CLARABEL": cp.CLARABEL}
@@ -267,7 +268,9 @@ class Dispatcher:
         limits, or, given ``inputs``, of a base-resolution plan against theirs."""
         grid, problem = self.park.grid, self.problem
         P, Q = problem.bus_injections(p_kw, q_kvar)
-        ac = grid.run_ac(P, Q)
+        ac = grid.run_ac(P, Q, start=self._ac_start(inputs))
+        if inputs is None:
+            self._last_ac = (problem.index, ac)
         if inputs is None:
             branch, imp, exp = problem.branch_limit_percent, problem.import_limit_kw, problem.export_limit_kw
             bands = (problem.v_band_min_pu, problem.v_band_max_pu)
@@ -275,6 +278,19 @@ class Dispatcher:
             *bands, branch, imp, exp = base_limits(grid, inputs)
         violations = count_violations(ac, bands[0], bands[1], branch, imp, exp)
         return ac, violations
+
+    def _ac_start(self, inputs: HorizonInputs | None):
+        """Where the AC check of a plan at the planning steps starts: each step from the
+        voltages the last such check found at the step under way at its start time (a
+        re-solve's plan, or the next cycle's, is close to the last one there)."""
+        if inputs is not None or self._last_ac is None:
+            return None
+        last_index, ac = self._last_ac
+        index = self.problem.index
+        if index[0] < last_index[0]:
+            return None
+        steps = np.clip(last_index.searchsorted(index, side="right") - 1, 0, len(last_index) - 1)
+        return ac.take(steps)
 
     def _grid_table(self, index, ac, violations) -> pd.DataFrame:
         return pd.DataFrame({

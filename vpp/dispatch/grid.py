@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandapower as pp
@@ -205,6 +205,15 @@ class AcResult:
     q_slack_kvar: np.ndarray
     losses_kw: np.ndarray
     converged: np.ndarray
+    # The solved complex bus voltages in the solver's internal order, for a later
+    # ``run_ac(..., start=...)`` of similar injections; None from run_pandapower.
+    v_internal: np.ndarray | None = field(default=None, repr=False)
+
+    def take(self, steps: np.ndarray) -> "AcResult":
+        """The results at the step positions ``steps`` (repeats allowed), as a batch of its own."""
+        return AcResult(self.vm_pu[steps], self.loading_percent[steps], self.p_slack_kw[steps],
+                        self.q_slack_kvar[steps], self.losses_kw[steps], self.converged[steps],
+                        None if self.v_internal is None else self.v_internal[steps])
 
     @property
     def max_loading_percent(self) -> np.ndarray:
@@ -551,11 +560,12 @@ class GridModel:
                 raise SpecError(name, "contains NaN or infinite values")
         return p, q
 
-    def run_ac(self, p_inj_kw: np.ndarray, q_inj_kvar: np.ndarray) -> AcResult:
+    def run_ac(self, p_inj_kw: np.ndarray, q_inj_kvar: np.ndarray, start: AcResult | None = None) -> AcResult:
         """Solve the AC power flow of many steps at once.
 
-        Steps start from the base-case voltages (trafo phase shifts included)
-        with cheap chord iterations on the factorised base-point Jacobian.  A
+        Steps start from the base-case voltages (trafo phase shifts included), or
+        from ``start``'s where given, with cheap chord iterations on the factorised
+        base-point Jacobian.  A
         step whose mismatch does not halve per iteration switches to full
         Newton-Raphson (all such steps form one block-diagonal sparse system),
         from the base point again if the chord iterations went astray.
@@ -565,6 +575,11 @@ class GridModel:
         p_inj_kw, q_inj_kvar : array_like, shape (n_steps, n_bus)
             Injection per bus, kW / kvar (positive = into the grid), on top of
             the loads left in the network.  A 1-D array is one step.
+        start : AcResult, optional
+            An earlier result of this model with as many steps, typically of the
+            same steps under a slightly different plan: each step starts from its
+            solved voltages (the base case where it did not converge).  The
+            answer is the same to the tolerance; fewer iterations reach it.
 
         Returns
         -------
@@ -576,6 +591,9 @@ class GridModel:
         n_steps, pq, m = p.shape[0], self._pq, self._m
         s_sp = self._S0[None, :] + ((p + 1j * q) / (1000.0 * self._base_mva)) @ self._agg
         V = np.tile(self._V0, (n_steps, 1))
+        if start is not None and start.v_internal is not None and start.v_internal.shape == V.shape:
+            warm = np.asarray(start.converged, bool)
+            V[warm] = start.v_internal[warm]
         state = np.zeros(n_steps, dtype=np.int8)  # 0 chord, 1 Newton, 2 converged, 3 failed
         n_chord, n_newton = np.zeros((2, n_steps), dtype=np.int64)
         last, norm0 = np.full(n_steps, np.inf), None
@@ -619,6 +637,7 @@ class GridModel:
 
     def _results(self, V: np.ndarray, s_sp: np.ndarray, ok: np.ndarray) -> AcResult:
         """Turn internal voltages (pu) into an AcResult."""
+        solved = V
         V = np.where(ok[:, None], V, np.nan)
         to_kw = 1000.0 * self._base_mva
         i_f, i_t = (self._yf @ V.T).T, (self._yt @ V.T).T
@@ -629,7 +648,7 @@ class GridModel:
         s_ref = V[:, ref] * np.conj(self._ybus[ref] @ V.T).ravel() - s_sp[:, ref]
         return AcResult(vm_pu=np.abs(V[:, self._pos]), loading_percent=loading,
                         p_slack_kw=s_ref.real * to_kw, q_slack_kvar=s_ref.imag * to_kw,
-                        losses_kw=losses * to_kw, converged=ok.copy())
+                        losses_kw=losses * to_kw, converged=ok.copy(), v_internal=solved)
 
     def run_pandapower(self, p_inj_kw_1d, q_inj_kvar_1d) -> AcResult:
         """Solve one step with ``pandapower.runpp``, the reference for ``run_ac``.
