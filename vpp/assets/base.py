@@ -22,6 +22,7 @@ The same fleet object also steps its physical plant forward for the simulator
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -90,12 +91,14 @@ class Horizon:
             return np.full(self.n_steps, self.dt_h)
         return np.asarray(self.block_steps, float) * self.dt_h
 
-    @property
+    @functools.cached_property
     def block_start(self) -> np.ndarray:
-        """The base step each planning step starts at, shape (n_steps,)."""
-        if self.block_steps is None:
-            return np.arange(self.n_steps)
-        return np.concatenate([[0], np.cumsum(self.block_steps)[:-1]]).astype(int)
+        """The base step each planning step starts at, shape (n_steps,); computed once,
+        read-only."""
+        starts = (np.arange(self.n_steps) if self.block_steps is None
+                  else np.concatenate([[0], np.cumsum(self.block_steps)[:-1]]).astype(int))
+        starts.flags.writeable = False
+        return starts
 
     def steps_within(self, hours: float) -> int:
         """How many planning steps start within the first ``hours`` of the horizon."""

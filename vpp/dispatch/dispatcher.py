@@ -289,7 +289,7 @@ class Dispatcher:
         index = self.problem.index
         if index[0] < last_index[0]:
             return None
-        steps = np.clip(last_index.searchsorted(index, side="right") - 1, 0, len(last_index) - 1)
+        steps = np.clip(last_index.asi8.searchsorted(index.asi8, side="right") - 1, 0, len(last_index) - 1)
         return ac.take(steps)
 
     def _grid_table(self, index, ac, violations) -> pd.DataFrame:
