@@ -251,6 +251,34 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
         assert infeasible.status == cp.INFEASIBLE
 
 
+def test_interior_point_without_the_switched_off_rows_solves_the_same_lp():
+    """For interior point, HighsArrays leaves out rows whose coefficients a 0/1
+    parameter has zeroed (lazy grid rows switched off): the optimum, the primal values
+    and the duals (zero for the left-out rows) are those of the whole LP, and a
+    switched-off row that cannot hold (0 <= -1) still makes the LP infeasible."""
+    import cvxpy as cp
+
+    from vpp.dispatch.highs import HighsArrays
+
+    x = cp.Variable(3, nonneg=True)
+    on = cp.Parameter(2, nonneg=True)
+    cap = cp.Parameter(2)
+    rows = [cp.multiply(on, x[:2]) <= cap]
+    problem = cp.Problem(cp.Minimize(np.array([-1.0, -2.0, 2.0]) @ x), rows + [cp.sum(x) <= 10, x[2] >= 1])
+    ipm = {"solver": "ipm", "run_crossover": "off"}
+    for on_value, cap_value in (([1.0, 0.0], [3.0, 5.0]), ([0.0, 0.0], [4.0, 5.0]), ([1.0, 1.0], [2.0, 2.5])):
+        on.value, cap.value = np.array(on_value), np.array(cap_value)
+        problem.solve(solver=cp.HIGHS)
+        whole = problem.value, x.value.copy(), rows[0].dual_value.copy()
+        problem.solve(solver=HighsArrays(), highs_options=ipm)
+        assert problem.status == cp.OPTIMAL and problem.value == pytest.approx(whole[0], abs=1e-6)
+        assert np.allclose(x.value, whole[1], atol=1e-5) and np.allclose(rows[0].dual_value, whole[2], atol=1e-5)
+        assert np.all(rows[0].dual_value[np.array(on_value) == 0.0] == 0.0)
+    on.value, cap.value = np.array([0.0, 1.0]), np.array([-1.0, 5.0])
+    problem.solve(solver=HighsArrays(), highs_options=ipm)
+    assert problem.status == cp.INFEASIBLE
+
+
 def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
     """A solve that starts from the last optimal basis (the next cycle's LP, prices and
     load moved on) ends at the optimum a cold solve of the same LP finds, in fewer
