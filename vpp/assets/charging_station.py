@@ -89,6 +89,7 @@ class ChargingStationFleet(Fleet):
         self.import_limit_kw = self.column("import_limit_kw")
         self.export_limit_kw = self.column("export_limit_kw")
         self.slot_sessions: list[str | None] = [None] * self.n_slots
+        self._session_cache: _SessionArrays | None = None  # the last sessions table, as arrays
         # Slots are numbered charger by charger: charger c holds slots first[c]:first[c + 1].
         self.charger_first_slot = np.searchsorted(self.slot_ch, np.arange(self.n_chargers + 1))
 
@@ -151,7 +152,7 @@ class ChargingStationFleet(Fleet):
         """``sessions`` as arrays, converted once per table (a simulated year filters
         the same table of thousands of sessions every step; a new table, as the service
         builds each cycle, is converted again)."""
-        cached = getattr(self, "_session_cache", None)
+        cached = self._session_cache
         if cached is None or cached.frame is not sessions:
             cached = self._session_cache = _SessionArrays(sessions, self.ids)
         return cached

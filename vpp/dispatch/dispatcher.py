@@ -271,7 +271,6 @@ class Dispatcher:
         ac = grid.run_ac(P, Q, start=self._ac_start(inputs))
         if inputs is None:
             self._last_ac = (problem.index, ac)
-        if inputs is None:
             branch, imp, exp = problem.branch_limit_percent, problem.import_limit_kw, problem.export_limit_kw
             bands = (problem.v_band_min_pu, problem.v_band_max_pu)
         else:

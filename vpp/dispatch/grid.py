@@ -565,10 +565,10 @@ class GridModel:
 
         Steps start from the base-case voltages (trafo phase shifts included), or
         from ``start``'s where given, with cheap chord iterations on the factorised
-        base-point Jacobian.  A
-        step whose mismatch does not halve per iteration switches to full
-        Newton-Raphson (all such steps form one block-diagonal sparse system),
-        from the base point again if the chord iterations went astray.
+        base-point Jacobian.  A step whose mismatch does not halve per iteration
+        switches to full Newton-Raphson (all such steps form one block-diagonal
+        sparse system), from the base point again if the chord iterations went
+        astray.
 
         Parameters
         ----------
