@@ -313,6 +313,48 @@ def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
     assert other.status == cp.OPTIMAL and hot.hot_starts == 1 and other.value == pytest.approx(3.0)
 
 
+def test_a_hot_start_that_does_not_end_optimal_is_solved_again_cold(make_park, monkeypatch):
+    """If the simplex stops short from a kept basis (here: an iteration limit of zero
+    set with the basis), the same LP is solved again from scratch and its optimum, not
+    the stuck one, is the result."""
+    import cvxpy as cp
+    import highspy
+
+    from vpp.dispatch.highs import HighsArrays
+    from vpp.dispatch.problem import DispatchProblem
+
+    cleared = []
+
+    class StuckWhenHot(highspy.Highs):
+        def setBasis(self, *args):
+            status = super().setBasis(*args)
+            self.setOptionValue("simplex_iteration_limit", 0)
+            return status
+
+        def clearSolver(self):
+            cleared.append(True)
+            self.setOptionValue("simplex_iteration_limit", 2**31 - 1)
+            return super().clearSolver()
+
+    park = make_park([BATTERY, LOAD])
+    load = office_load_kw(day_index(), 120.0)
+    problem = DispatchProblem(park)
+    hot = HighsArrays(keep_basis=True)
+    problem.update(inputs_for(park, load), initial_state(park))
+    problem.problem.solve(solver=hot)
+    later = inputs_for(park, np.roll(load, -8),
+                       buy_price_cny_per_kwh=np.roll(inputs_for(park, load).buy_price_cny_per_kwh, -8))
+    problem.update(later, initial_state(park))
+    monkeypatch.setattr(highspy, "Highs", StuckWhenHot)
+    problem.problem.solve(solver=hot)
+    assert hot.hot_starts == 1 and cleared == [True]
+    assert problem.problem.status == cp.OPTIMAL
+    value = problem.problem.value
+    monkeypatch.undo()
+    problem.problem.solve(solver=HighsArrays())
+    assert value == pytest.approx(problem.problem.value, rel=1e-9)
+
+
 def test_interior_point_reaches_the_simplex_optimum(make_park, monkeypatch):
     """lp_method "ipm" (HiGHS's interior point without crossover, chosen automatically
     for large LPs) publishes a plan as good as simplex's, within the battery's limits."""
