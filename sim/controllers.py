@@ -132,18 +132,18 @@ class OptimizerController:
         p_all, q_all = plan.p_kw.to_numpy(float), plan.q_kvar.to_numpy(float)
         p_kw, q_kvar, details = {}, {}, {}
         for kind, fleet in self.park.fleets.items():
-            cols = self._positions("p_kw", plan.p_kw.columns, fleet.ids)
+            cols = self._cached_positions("p_kw", plan.p_kw.columns, fleet.ids)
             p_kw[kind], q_kvar[kind] = p_all[:, cols].T, q_all[:, cols].T
         if "charging_station" in self.park.fleets:
             st = self.park.fleets["charging_station"]
             for name in ("station_battery_kw", "ev_kw"):
                 if name in plan.details:
                     frame = plan.details[name]
-                    values = frame.to_numpy(float)[:, self._positions(name, frame.columns, st.ids)].T
+                    values = frame.to_numpy(float)[:, self._cached_positions(name, frame.columns, st.ids)].T
                     details[name] = values[st.bat_owner] if name == "station_battery_kw" else values
         return p_kw, q_kvar, details
 
-    def _positions(self, table: str, columns, ids) -> np.ndarray:
+    def _cached_positions(self, table: str, columns, ids) -> np.ndarray:
         """Positions of ``ids`` in the columns of a plan's ``table``; every plan has the
         same columns, so the answer is kept for as long as they stay the same."""
         key = (table, tuple(ids))

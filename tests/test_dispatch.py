@@ -279,6 +279,26 @@ def test_interior_point_without_the_switched_off_rows_solves_the_same_lp():
     assert problem.status == cp.INFEASIBLE
 
 
+def _next_cycle_after_a_hot_solve(make_park):
+    """A battery-and-load park's LP solved once through a basis-keeping HighsArrays,
+    then updated to the next cycle's data (load and prices two hours on), unsolved:
+    (problem, solver, status of the first solve)."""
+    from vpp.dispatch.highs import HighsArrays
+    from vpp.dispatch.problem import DispatchProblem
+
+    park = make_park([BATTERY, LOAD])
+    load = office_load_kw(day_index(), 120.0)
+    problem = DispatchProblem(park)
+    hot = HighsArrays(keep_basis=True)
+    problem.update(inputs_for(park, load), initial_state(park))
+    problem.problem.solve(solver=hot)
+    first_status = problem.problem.status
+    later = inputs_for(park, np.roll(load, -8),
+                       buy_price_cny_per_kwh=np.roll(inputs_for(park, load).buy_price_cny_per_kwh, -8))
+    problem.update(later, initial_state(park))
+    return problem, hot, first_status
+
+
 def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
     """A solve that starts from the last optimal basis (the next cycle's LP, prices and
     load moved on) ends at the optimum a cold solve of the same LP finds, in fewer
@@ -286,19 +306,9 @@ def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
     import cvxpy as cp
 
     from vpp.dispatch.highs import HighsArrays
-    from vpp.dispatch.problem import DispatchProblem
 
-    park = make_park([BATTERY, LOAD])
-    index = day_index()
-    load = office_load_kw(index, 120.0)
-    problem = DispatchProblem(park)
-    hot = HighsArrays(keep_basis=True)
-    problem.update(inputs_for(park, load), initial_state(park))
-    problem.problem.solve(solver=hot)
-    assert problem.problem.status == cp.OPTIMAL and hot.hot_starts == 0
-    later = inputs_for(park, np.roll(load, -8),
-                       buy_price_cny_per_kwh=np.roll(inputs_for(park, load).buy_price_cny_per_kwh, -8))
-    problem.update(later, initial_state(park))
+    problem, hot, first_status = _next_cycle_after_a_hot_solve(make_park)
+    assert first_status == cp.OPTIMAL and hot.hot_starts == 0
     problem.problem.solve(solver=hot)
     hot_value, hot_iterations = problem.problem.value, problem.problem.solver_stats.num_iters
     assert hot.hot_starts == 1
@@ -321,7 +331,6 @@ def test_a_hot_start_that_does_not_end_optimal_is_solved_again_cold(make_park, m
     import highspy
 
     from vpp.dispatch.highs import HighsArrays
-    from vpp.dispatch.problem import DispatchProblem
 
     cleared = []
 
@@ -336,15 +345,7 @@ def test_a_hot_start_that_does_not_end_optimal_is_solved_again_cold(make_park, m
             self.setOptionValue("simplex_iteration_limit", 2**31 - 1)
             return super().clearSolver()
 
-    park = make_park([BATTERY, LOAD])
-    load = office_load_kw(day_index(), 120.0)
-    problem = DispatchProblem(park)
-    hot = HighsArrays(keep_basis=True)
-    problem.update(inputs_for(park, load), initial_state(park))
-    problem.problem.solve(solver=hot)
-    later = inputs_for(park, np.roll(load, -8),
-                       buy_price_cny_per_kwh=np.roll(inputs_for(park, load).buy_price_cny_per_kwh, -8))
-    problem.update(later, initial_state(park))
+    problem, hot, _ = _next_cycle_after_a_hot_solve(make_park)
     monkeypatch.setattr(highspy, "Highs", StuckWhenHot)
     problem.problem.solve(solver=hot)
     assert hot.hot_starts == 1 and cleared == [True]

@@ -127,15 +127,14 @@ class HighsArrays(HIGHS):
         return super().invert(results, inverse_data)
 
 
-
 def _rows_that_bind(A, b: np.ndarray, n_eq: int) -> np.ndarray:
     """Positions of the rows of ``A x = b`` (the first ``n_eq``) and ``A x <= b`` (A in CSR
     form) that can bind: all but the rows without a non-zero coefficient whose right-hand
-    side holds for any x (``0 = 0``, ``0 <= b`` with b >= 0).  Lazy grid rows switched off by their 0/1 parameter
-    keep their place in the compiled LP with all coefficients zero: on the 10,000-asset
-    portfolio they are a fifth to four fifths of the rows, and handing HiGHS the rest
-    made an interior-point solve about 10 % faster (its presolve finds them anyway,
-    after taking them in)."""
+    side holds for any x (``0 = 0``, ``0 <= b`` with b >= 0).  Lazy grid rows switched
+    off by their 0/1 parameter keep their place in the compiled LP with all coefficients
+    zero: on the 10,000-asset portfolio they are a fifth to four fifths of the rows, and
+    handing HiGHS the rest made an interior-point solve about 10 % faster (its presolve
+    finds them anyway, after taking them in)."""
     row_of_entry = np.repeat(np.arange(A.shape[0]), np.diff(A.indptr))
     nonzero = np.bincount(row_of_entry[A.data != 0], minlength=A.shape[0]) > 0
     satisfied = np.concatenate([b[:n_eq] == 0.0, b[n_eq:] >= 0.0])
