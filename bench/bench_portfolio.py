@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_portfolio.py [--parts compare large ac] [--sizes 100 300 1000]
         [--group-by bus feeder] [--large 10000] [--large-feeder 30 4 6 6] [--large-group-by feeder]
-        [--large-horizon coarse] [--strict-hours 2] [--cycles 3] [--seed 1] [--start 2025-01-15]
+        [--large-horizon coarse] [--strict-hours 2] [--rehearse] [--forecast-error 0.05] [--cycles 3]
+        [--seed 1] [--start 2025-01-15]
 
 Parts (each seeded, so two runs build the same portfolios):
 
@@ -27,6 +28,11 @@ Parts (each seeded, so two runs build the same portfolios):
              ``--strict-hours`` (default 2; 0 for the whole horizon): a cycle re-plans
              only for grid violations in its first hours, those further out tighten the
              next cycle (``DispatchSettings.strict_hours``); both counts are printed.
+             ``--rehearse``: after each cycle's setpoints, the next cycle is rehearsed
+             (``AggregateDispatcher.rehearse``; its time is printed apart, it is not part
+             of the cycle).  ``--forecast-error 0.05``: each cycle's base load, heat and
+             PV forecasts are off by a seeded 5 % (standard deviation) per asset and step,
+             while the members carry out their setpoints under the true series.
 ``ac``       the 96-step AC check of the 141-bus feeder: ``GridModel.run_ac`` against 96
              calls of ``pandapower.runpp`` (ratio) and the largest voltage difference.
 
@@ -38,6 +44,7 @@ large portfolio's own peak.  Not part of the test suite.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import sys
 import time
@@ -122,11 +129,13 @@ def compare(sizes: list[int], seed: int, start: str, group_by: list[str]) -> Non
 
 
 def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_by: str, horizon: str,
-          strict_hours: float | None) -> None:
+          strict_hours: float | None, rehearse: bool = False, forecast_error: float = 0.0) -> None:
     size = FeederSize(n_substations=feeder[0], lv_feeders=feeder[1], buses_per_feeder=feeder[2], mv_feeders=feeder[3])
     window = "the whole horizon" if strict_hours is None else f"the first {strict_hours:g} h"
-    print(f"== large: aggregate method ({group_by}, {horizon} horizon, re-planning for violations in {window}) on "
+    print(f"== large: aggregate method ({group_by}, {horizon} horizon, re-planning for violations in {window}"
+          f"{', rehearsing each next cycle' if rehearse else ''}, forecast error {forecast_error:g}) on "
           f"{n} assets, {size.n_buses} buses, {cycles} consecutive cycles ==")
+    rng = np.random.default_rng(seed + 17)
     settings = {} if HORIZONS[horizon] is None else {"horizon_resolution": HORIZONS[horizon]}
     if strict_hours is not None:
         settings["strict_hours"] = strict_hours
@@ -144,7 +153,7 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
     for k in range(cycles):
         when = at + pd.Timedelta(minutes=15 * k)
         t_cycle = time.perf_counter()
-        inputs = series.horizon(park, when)                       # forecast update
+        inputs = _forecast_error(series.horizon(park, when), forecast_error, rng)  # forecast update
         forecast_s = time.perf_counter() - t_cycle
         result = fast.dispatch(inputs, state)                      # solve, AC check, split
         t0 = time.perf_counter()
@@ -169,6 +178,13 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
               f"{check.limit_violations} (worst {_worst(check)}); peak RSS {peak_rss_mib():.0f} MiB", flush=True)
         if not result.ok:
             print(f"    reason: {str(result.virtual.reason)[:300]}", flush=True)
+        if rehearse and k + 1 < cycles:
+            # After the setpoints are out: the next cycle as this one expects it.
+            t0 = time.perf_counter()
+            rehearsal = fast.rehearse(inputs, state, result)
+            print(f"    rehearsal of the next cycle (after the setpoints): {time.perf_counter() - t0:.2f} s, "
+                  f"{rehearsal.rounds} plan(s), {rehearsal.virtual.grid_iterations} grid iteration(s), "
+                  f"{rehearsal.virtual.lazy_rounds} lazy round(s)", flush=True)
         state = _carry_out(park, series, state, first, when)
 
 
@@ -179,6 +195,20 @@ def _carry_out(park, series, state: dict, setpoints_kw: dict[str, np.ndarray], w
     actual = actual_conditions(series, park, series.position(when))
     return {kind: fleet.plant_step(state[kind], setpoints_kw[kind], actual.get(kind, {}), park.settings.dt_h)[0]
             for kind, fleet in park.fleets.items()}
+
+
+def _forecast_error(inputs, frac: float, rng):
+    """``inputs`` with every base load, heat demand and PV forecast off by a seeded error of
+    ``frac`` (standard deviation, relative, per asset and step): the plan no longer sees
+    exactly what the members then meet, and no two cycles see the same forecast."""
+    if not frac:
+        return inputs
+    forecasts = {kind: dict(f) for kind, f in inputs.forecasts.items()}
+    for kind, name in (("load", "demand_kw"), ("heat_pump", "heat_kw_th"), ("pv", "avail_kw")):
+        if kind in forecasts:
+            values = forecasts[kind][name]
+            forecasts[kind][name] = values * np.clip(1.0 + frac * rng.standard_normal(values.shape), 0.0, None)
+    return dataclasses.replace(inputs, forecasts=forecasts)
 
 
 def _worst(check) -> str:
@@ -229,6 +259,12 @@ def main() -> None:
     parser.add_argument("--strict-hours", type=float, default=2.0,
                         help="large portfolio: re-plan within a cycle only for violations in these first hours "
                              "(0: anywhere in the horizon)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="large portfolio: after each cycle's setpoints, rehearse the next cycle "
+                             "(AggregateDispatcher.rehearse) so that it starts with the grid rows it will need")
+    parser.add_argument("--forecast-error", type=float, default=0.0,
+                        help="large portfolio: relative error (standard deviation) on each cycle's base load, heat "
+                             "demand and PV forecasts; the members carry out their setpoints under the true series")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--start", default="2025-01-15")
     args = parser.parse_args()
@@ -238,7 +274,7 @@ def main() -> None:
         compare(args.sizes, args.seed, args.start, args.group_by)
     if "large" in args.parts:
         large(args.large, args.cycles, args.seed, args.start, args.large_feeder, args.large_group_by, args.large_horizon,
-              args.strict_hours or None)
+              args.strict_hours or None, args.rehearse, args.forecast_error)
     print(f"peak RSS (ru_maxrss) {peak_rss_mib():.0f} MiB")
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 from sim.controllers import StepCommand, make_controller
 from sim.forecast import Forecaster
 from vpp.dispatch.result import count_violations
+from vpp.inputs import first_step_conditions
 
 
 @dataclass
@@ -147,11 +148,7 @@ def _record(records, ids, name, t, values, n_steps):
 
 def actual_conditions(series, park, t: int) -> dict[str, dict]:
     """The actual conditions of step ``t`` per kind, as the plant models read them."""
-    out = {k: {name: (v[:, 0] if isinstance(v, np.ndarray) and v.ndim == 2 else v) for name, v in f.items()}
-           for k, f in series.step_forecast(park, t, 1).items()}
-    if "charging_station" in out:
-        out["charging_station"]["time"] = series.index[t]
-    return out
+    return first_step_conditions(series.step_forecast(park, t, 1), series.index[t])
 
 
 def _session_table(park, sessions: pd.DataFrame, index: pd.DatetimeIndex, state, dt_h: float) -> pd.DataFrame:

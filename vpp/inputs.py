@@ -136,3 +136,14 @@ def synthetic_series(park, start, days: int, seed: int | None = None) -> ParkSer
         sell_price_cny_per_kwh=park.tariff.sell_price_cny_per_kwh(index),
         carbon_kg_per_kwh=park.carbon.intensity(index),
     )
+
+
+def first_step_conditions(forecasts: dict[str, dict], time: pd.Timestamp) -> dict[str, dict]:
+    """The conditions of a horizon's first step per kind, as the plant models read them
+    (``plant_step``'s ``actual``): each per-asset forecast array's first column, other
+    entries (an EV sessions table) as they are, and the step's start for the chargers."""
+    out = {kind: {name: (v[:, 0] if isinstance(v, np.ndarray) and v.ndim == 2 else v) for name, v in f.items()}
+           for kind, f in forecasts.items()}
+    if "charging_station" in out:
+        out["charging_station"]["time"] = time
+    return out

@@ -20,6 +20,7 @@ import pandas as pd
 from vpp.assets import Horizon
 from vpp.dispatch.highs import HighsArrays
 from vpp.dispatch.problem import DispatchProblem, HorizonInputs
+from vpp.dispatch.rehearsal import advance, expected_state
 from vpp.dispatch.result import DispatchResult, count_violations
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,23 @@ class Dispatcher:
                  result.solve_s, result.ac_check_s, result.violations_remaining,
                  f" reason={result.reason!r}" if result.reason else "")
         return result
+
+    def rehearse(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]],
+                 result: DispatchResult) -> DispatchResult:
+        """Plan the next cycle ahead, as the cycle just planned (its ``inputs``, ``state``
+        and ``result``) expects it, and publish nothing (see :mod:`vpp.dispatch.rehearsal`).
+
+        The grid rows and block margins the rehearsed plan needs stay in the problem for
+        the real next cycle; the plan a fallback would shift stays this cycle's.  Returns
+        the rehearsal's result, for its figures.
+        """
+        first = {kind: result.p_kw[fleet.ids].to_numpy()[0] for kind, fleet in self.park.fleets.items()}
+        planned_import_kw = float(result.grid["p_import_kw"].iloc[0]) if len(result.grid) else 0.0
+        previous = self.previous
+        try:
+            return self.dispatch(advance(inputs, planned_import_kw), expected_state(self.park, state, first, inputs))
+        finally:
+            self.previous = previous
 
     def _least_excess(self, inputs: HorizonInputs, state, failure: str, t_start: float) -> DispatchResult | None:
         """When the limits cannot all be met, the plan that exceeds them least.
