@@ -82,11 +82,22 @@ def test_expected_state_carries_out_the_first_setpoints_through_the_plant_models
     np.testing.assert_array_equal(state["heat_pump"]["e_th_kwh"], kept["heat_pump"]["e_th_kwh"])
 
 
-def _next_cycle(park, inputs, state, first_kw, planned_import_kw):
-    return advance(inputs, planned_import_kw), expected_state(park, state, first_kw, inputs)
+def _plan(result):
+    """The plan's own figures: a portfolio result's virtual plan, or the result itself."""
+    return getattr(result, "virtual", result)
 
 
-def test_a_rehearsed_cycle_starts_with_the_grid_rows_its_plan_needs():
+def _first_step(park, result):
+    """A cycle's first setpoints per kind [kW] and the import its plan expects then [kW]."""
+    if isinstance(result.p_kw, dict):  # members' setpoints (kind -> (n, T)) of a portfolio result
+        first = {k: p[:, 0] for k, p in result.p_kw.items()}
+    else:
+        first = {k: result.p_kw[f.ids].to_numpy()[0] for k, f in park.fleets.items()}
+    return first, float(_plan(result).grid["p_import_kw"].iloc[0])
+
+
+@pytest.mark.parametrize("make", [Dispatcher, AggregateDispatcher], ids=["monolithic", "aggregate"])
+def test_a_rehearsed_cycle_starts_with_the_grid_rows_its_plan_needs(make):
     """Without a rehearsal, the next cycle's plan breaks grid rows no plan of this cycle
     came near and must be solved again.  The rehearsal plans that cycle as this one
     expects it and takes those rows in; the real cycle, on those inputs, then solves once
@@ -95,37 +106,18 @@ def test_a_rehearsed_cycle_starts_with_the_grid_rows_its_plan_needs():
     inputs, state = _cycle(park, "2025-01-15 17:00")
     runs = {}
     for rehearse in (False, True):
-        dispatcher = Dispatcher(park)
+        dispatcher = make(park)
         result = dispatcher.dispatch(inputs, state)
-        assert result.ok and result.lazy_rounds >= 1  # the feeder is tight enough to need lazy rows
+        assert result.ok and _plan(result).lazy_rounds >= 1  # the feeder is tight enough to need lazy rows
         if rehearse:
             rehearsal = dispatcher.rehearse(inputs, state, result)
             assert rehearsal.ok
-            assert dispatcher.previous is result
-        first = {k: result.p_kw[f.ids].to_numpy()[0] for k, f in park.fleets.items()}
-        runs[rehearse] = dispatcher.dispatch(*_next_cycle(park, inputs, state, first,
-                                                          float(result.grid["p_import_kw"].iloc[0])))
+            if isinstance(dispatcher, Dispatcher):
+                assert dispatcher.previous is result
+        first, import_kw = _first_step(park, result)
+        runs[rehearse] = _plan(dispatcher.dispatch(advance(inputs, import_kw),
+                                                   expected_state(park, state, first, inputs)))
     assert runs[False].ok and runs[False].lazy_rounds >= 1
     real = runs[True]
     assert real.ok and real.lazy_rounds == 0 and real.violations_remaining == 0
-    assert real.objective_cny == pytest.approx(rehearsal.objective_cny, rel=1e-6)
-
-
-def test_a_rehearsed_portfolio_cycle_needs_no_lazy_round():
-    park = _tight_park(80)
-    inputs, state = _cycle(park, "2025-01-15 17:00")
-    runs = {}
-    for rehearse in (False, True):
-        fast = AggregateDispatcher(park)
-        result = fast.dispatch(inputs, state)
-        assert result.ok and result.virtual.lazy_rounds >= 1
-        if rehearse:
-            rehearsal = fast.rehearse(inputs, state, result)
-            assert rehearsal.ok
-        first = {k: p[:, 0] for k, p in result.p_kw.items()}
-        runs[rehearse] = fast.dispatch(*_next_cycle(park, inputs, state, first,
-                                                    float(result.virtual.grid["p_import_kw"].iloc[0])))
-    assert runs[False].ok and runs[False].virtual.lazy_rounds >= 1
-    real = runs[True]
-    assert real.ok and real.virtual.lazy_rounds == 0 and real.virtual.violations_remaining == 0
-    assert real.virtual.objective_cny == pytest.approx(rehearsal.virtual.objective_cny, rel=1e-6)
+    assert real.objective_cny == pytest.approx(_plan(rehearsal).objective_cny, rel=1e-6)
