@@ -13,7 +13,7 @@ import pytest
 from vpp.dispatch.aggregate import AggregateDispatcher
 from vpp.dispatch.dispatcher import Dispatcher
 from vpp.dispatch.grid import GridModel
-from vpp.dispatch.rehearsal import advance, expected_state
+from vpp.dispatch.rehearsal import advance, expected_state, next_cycle
 from vpp.portfolio import FeederSize, portfolio_series, synthetic_feeder, synthetic_portfolio
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -87,13 +87,11 @@ def _plan(result):
     return getattr(result, "virtual", result)
 
 
-def _first_step(park, result):
-    """A cycle's first setpoints per kind [kW] and the import its plan expects then [kW]."""
+def _first_setpoints(park, result) -> dict:
+    """A cycle's first setpoints per kind [kW]."""
     if isinstance(result.p_kw, dict):  # members' setpoints (kind -> (n, T)) of a portfolio result
-        first = {k: p[:, 0] for k, p in result.p_kw.items()}
-    else:
-        first = {k: result.p_kw[f.ids].to_numpy()[0] for k, f in park.fleets.items()}
-    return first, float(_plan(result).grid["p_import_kw"].iloc[0])
+        return {k: p[:, 0] for k, p in result.p_kw.items()}
+    return {k: result.p_kw[f.ids].to_numpy()[0] for k, f in park.fleets.items()}
 
 
 @pytest.mark.parametrize("make", [Dispatcher, AggregateDispatcher], ids=["monolithic", "aggregate"])
@@ -114,9 +112,8 @@ def test_a_rehearsed_cycle_starts_with_the_grid_rows_its_plan_needs(make):
             assert rehearsal.ok
             if isinstance(dispatcher, Dispatcher):
                 assert dispatcher.previous is result
-        first, import_kw = _first_step(park, result)
-        runs[rehearse] = _plan(dispatcher.dispatch(advance(inputs, import_kw),
-                                                   expected_state(park, state, first, inputs)))
+        expected = next_cycle(park, inputs, state, _first_setpoints(park, result), _plan(result).grid)
+        runs[rehearse] = _plan(dispatcher.dispatch(*expected))
     assert runs[False].ok and runs[False].lazy_rounds >= 1
     real = runs[True]
     assert real.ok and real.lazy_rounds == 0 and real.violations_remaining == 0

@@ -77,7 +77,7 @@ import numpy as np
 from vpp.assets.base import Horizon
 from vpp.dispatch.dispatcher import Dispatcher, base_limits
 from vpp.dispatch.problem import HorizonInputs
-from vpp.dispatch.rehearsal import advance, expected_state
+from vpp.dispatch.rehearsal import next_cycle
 from vpp.dispatch.result import DispatchResult, count_violations
 from vpp.dispatch.virtual import (VirtualBatteryFleet, VirtualChargerFleet, VirtualHeatPumpFleet, VirtualLoadFleet,
                                   VirtualPVFleet, session_table)
@@ -273,9 +273,7 @@ class AggregateDispatcher:
         publish nothing (see :mod:`vpp.dispatch.rehearsal`): the grid rows and block
         margins its plan needs stay for the real next cycle.  Returns its result."""
         first = {kind: p[:, 0] for kind, p in result.p_kw.items()}
-        grid = result.virtual.grid
-        planned_import_kw = float(grid["p_import_kw"].iloc[0]) if len(grid) else 0.0
-        return self.dispatch(advance(inputs, planned_import_kw), expected_state(self.park, state, first, inputs))
+        return self.dispatch(*next_cycle(self.park, inputs, state, first, result.virtual.grid))
 
     def _split(self, virtual: DispatchResult, inputs: HorizonInputs, state):
         """Members' setpoints per base step, their details and the largest bus mismatch."""

@@ -20,7 +20,7 @@ import pandas as pd
 from vpp.assets import Horizon
 from vpp.dispatch.highs import HighsArrays
 from vpp.dispatch.problem import DispatchProblem, HorizonInputs
-from vpp.dispatch.rehearsal import advance, expected_state
+from vpp.dispatch.rehearsal import next_cycle
 from vpp.dispatch.result import DispatchResult, count_violations
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,9 @@ class Dispatcher:
         the rehearsal's result, for its figures.
         """
         first = {kind: result.p_kw[fleet.ids].to_numpy()[0] for kind, fleet in self.park.fleets.items()}
-        planned_import_kw = float(result.grid["p_import_kw"].iloc[0]) if len(result.grid) else 0.0
         previous = self.previous
         try:
-            return self.dispatch(advance(inputs, planned_import_kw), expected_state(self.park, state, first, inputs))
+            return self.dispatch(*next_cycle(self.park, inputs, state, first, result.grid))
         finally:
             self.previous = previous
 

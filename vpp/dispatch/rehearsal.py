@@ -70,3 +70,12 @@ def expected_state(park, state: dict[str, dict[str, Any]], first_kw: dict[str, n
     dt_h = park.settings.dt_h
     return {kind: fleet.plant_step(state[kind], np.asarray(first_kw[kind], float), conditions.get(kind, {}), dt_h)[0]
             for kind, fleet in park.fleets.items()}
+
+
+def next_cycle(park, inputs: HorizonInputs, state: dict[str, dict[str, Any]], first_kw: dict[str, np.ndarray],
+               grid: pd.DataFrame) -> tuple[HorizonInputs, dict[str, dict[str, Any]]]:
+    """The inputs and state of the cycle after the one planned on ``inputs`` from ``state``,
+    as that cycle's plan expects them: ``first_kw`` its first setpoints per kind, ``grid``
+    its grid table (the first step's ``p_import_kw`` raises the month's peak so far)."""
+    planned_import_kw = float(grid["p_import_kw"].iloc[0]) if len(grid) else 0.0
+    return advance(inputs, planned_import_kw), expected_state(park, state, first_kw, inputs)
