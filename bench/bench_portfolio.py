@@ -61,6 +61,7 @@ from sim.simulator import actual_conditions  # noqa: E402
 from vpp.dispatch.aggregate import AggregateDispatcher, evaluate_plan  # noqa: E402
 from vpp.dispatch.dispatcher import Dispatcher  # noqa: E402
 from vpp.dispatch.grid import GridModel  # noqa: E402
+from vpp.dispatch.rehearsal import plant_after  # noqa: E402
 from vpp.portfolio import FeederSize, portfolio_series, synthetic_feeder, synthetic_portfolio  # noqa: E402
 
 
@@ -190,11 +191,10 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
 
 def _carry_out(park, series, state: dict, setpoints_kw: dict[str, np.ndarray], when: pd.Timestamp) -> dict:
     """Every member's state after it carried out its first setpoint for a quarter hour,
-    through its own plant model (as the simulator does): the next cycle starts where this
-    one's plan left the assets, not from the same state 15 minutes later."""
-    actual = actual_conditions(series, park, series.position(when))
-    return {kind: fleet.plant_step(state[kind], setpoints_kw[kind], actual.get(kind, {}), park.settings.dt_h)[0]
-            for kind, fleet in park.fleets.items()}
+    through its own plant model under the true series (as the simulator does): the next
+    cycle starts where this one's plan left the assets, not from the same state 15
+    minutes later."""
+    return plant_after(park, state, setpoints_kw, actual_conditions(series, park, series.position(when)))
 
 
 def _forecast_error(inputs, frac: float, rng):

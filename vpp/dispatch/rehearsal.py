@@ -61,15 +61,22 @@ def advance(inputs: HorizonInputs, planned_import_kw: float = 0.0) -> HorizonInp
     )
 
 
+def plant_after(park, state: dict[str, dict[str, Any]], setpoints_kw: dict[str, np.ndarray],
+                conditions: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Each fleet's state after carrying out ``setpoints_kw`` (per kind, (n_assets,) [kW])
+    for one step under ``conditions`` (per kind, as ``plant_step`` reads them), through
+    the fleet's own plant model (which leaves ``state`` untouched)."""
+    dt_h = park.settings.dt_h
+    return {kind: fleet.plant_step(state[kind], np.asarray(setpoints_kw[kind], float), conditions.get(kind, {}),
+                                   dt_h)[0]
+            for kind, fleet in park.fleets.items()}
+
+
 def expected_state(park, state: dict[str, dict[str, Any]], first_kw: dict[str, np.ndarray],
                    inputs: HorizonInputs) -> dict[str, dict[str, Any]]:
-    """Each fleet's state after carrying out ``first_kw`` (per kind, (n_assets,) [kW]) for
-    the first step of ``inputs`` under its forecast conditions, through the fleet's own
-    plant model (which leaves ``state`` untouched)."""
-    conditions = first_step_conditions(inputs.forecasts, inputs.index[0])
-    dt_h = park.settings.dt_h
-    return {kind: fleet.plant_step(state[kind], np.asarray(first_kw[kind], float), conditions.get(kind, {}), dt_h)[0]
-            for kind, fleet in park.fleets.items()}
+    """Each fleet's state after carrying out ``first_kw`` for the first step of ``inputs``
+    under its forecast conditions (:func:`plant_after`)."""
+    return plant_after(park, state, first_kw, first_step_conditions(inputs.forecasts, inputs.index[0]))
 
 
 def next_cycle(park, inputs: HorizonInputs, state: dict[str, dict[str, Any]], first_kw: dict[str, np.ndarray],
