@@ -21,10 +21,10 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 SMALL = FeederSize(n_substations=2, lv_feeders=2, buses_per_feeder=3)
 
 
-def _tight_park(n: int = 48, **settings):
+def _tight_park(n: int):
     """A small portfolio on a feeder with a narrow voltage band and low loading limits, so
     that its plans run into grid rows the LP leaves out until they are broken."""
-    park = synthetic_portfolio(n, seed=2, size=SMALL, import_limit_kw=60.0, settings=settings)
+    park = synthetic_portfolio(n, seed=2, size=SMALL, import_limit_kw=60.0)
     return dataclasses.replace(park, grid=GridModel(synthetic_feeder(SMALL, 2), 0.99, 1.022, 15.0))
 
 
