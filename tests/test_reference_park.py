@@ -251,3 +251,54 @@ def test_overloads_on_rows_the_plan_never_saw_do_not_tighten_the_caps(reference_
     problem.unsolved_flow[:] = False
     problem.correct(over, P, Q)
     assert np.all(problem.flow_scale[only_unsolved].min(axis=1) < before[only_unsolved].min(axis=1))
+
+
+def test_branch_caps_follow_the_checked_voltage_at_their_ends(reference_park):
+    """A rating limits current, and a branch carries its power plus the losses below it
+    over its voltage.  Loaded at its fresh cap in the calibration's pattern, a branch
+    group with losses below it is the 1 % headroom below its limit in the AC power flow
+    (at the bare rating it would be overloaded); where an AC check then finds the voltage at a
+    group's ends 4 % lower, its cap in kVA is 4 % lower, step by step."""
+    import dataclasses
+
+    from vpp.dispatch.problem import DispatchProblem
+
+    start = pd.Timestamp("2025-01-15", tz=reference_park.site.timezone)
+    inputs = synthetic_series(reference_park, start, days=1).horizon(reference_park, start)
+    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
+    problem = DispatchProblem(reference_park)
+    problem.update(inputs, state)
+    grid, sens = reference_park.grid, problem.sens
+    calibrated = np.flatnonzero(problem.flow_loss_frac > 0.0)
+    assert calibrated.size >= 3
+    buses = np.unique(np.concatenate([reference_park.bus_positions(k) for k in reference_park.fleets]))
+    buses = buses[buses != grid.slack_position]
+    for g in calibrated:
+        members = problem.branch_groups[g]
+        f = sens.branch_p_per_kw[problem.group_rep[g], buses]
+        loading = []
+        for cap_kva in (problem.flow_cap_kva[g, 0], problem._group_capacity_kva()[g, 0] * 0.99):  # calibrated, bare
+            p = np.zeros(grid.n_buses)
+            p[buses] = f * cap_kva / (f @ f)
+            rel = grid.run_ac(p, np.zeros_like(p)).loading_percent[0, members] / grid.branch_limit_percent[members]
+            loading.append(rel.max())
+        assert 0.98 <= loading[0] <= 0.995 and loading[1] > 1.0, (grid.branch_names[members[0]], loading)
+    problem.problem.solve(solver="HIGHS")
+    P, Q = problem.bus_injections(*problem.injections())
+    ac = grid.run_ac(P, Q)
+    problem.correct(ac, P, Q, tighten=False)
+    caps, checked_vm = problem.flow_cap_kva.copy(), problem.flow_vm_pu.copy()
+    # The same plan with every voltage 4 % lower: 4 % less apparent power, where that is
+    # below the calibration's voltage.
+    problem.correct(dataclasses.replace(ac, vm_pu=ac.vm_pu * 0.96), P, Q, tighten=False)
+    np.testing.assert_allclose(problem.flow_vm_pu, 0.96 * checked_vm, rtol=1e-12)
+    below = 0.96 * checked_vm < problem.flow_vm_cal_pu[:, None]
+    assert below.any()
+    expected = caps * np.minimum(0.96 * checked_vm, problem.flow_vm_cal_pu[:, None]) / np.minimum(
+        checked_vm, problem.flow_vm_cal_pu[:, None])
+    np.testing.assert_allclose(problem.flow_cap_kva, expected, rtol=1e-12)
+    # A step whose power flow failed keeps what the last check found.
+    kept = problem.flow_cap_kva.copy()
+    failed = dataclasses.replace(ac, vm_pu=np.full_like(ac.vm_pu, np.nan), converged=np.zeros(len(ac.converged), bool))
+    problem.correct(failed, P, Q, tighten=False)
+    np.testing.assert_array_equal(problem.flow_cap_kva, kept)

@@ -24,6 +24,8 @@ from vpp.dispatch.rehearsal import next_cycle
 from vpp.dispatch.result import DispatchResult, count_violations
 
 log = logging.getLogger(__name__)
+# A flexibility deviation below this [kW] counts as keeping the request.
+_KEPT_KW = 1e-3
 
 
 @functools.cache
@@ -133,7 +135,10 @@ class Dispatcher:
             t0 = time.perf_counter()
             ac, violations = self._check(p_kw, q_kvar)
             ac_s += time.perf_counter() - t0
-            strict = violations if self.strict_steps is None else violations[:self.strict_steps]
+            # A grid operator's request the plan keeps must hold in the AC flow too: the
+            # losses it was planned with are the last check's, and a moved plan has others.
+            missed = violations + self._requests_missed(ac)
+            strict = missed if self.strict_steps is None else missed[:self.strict_steps]
             if strict.sum() == 0 or iteration == settings.max_grid_iterations:
                 if violations.sum() and strict.sum() == 0:
                     problem.correct(ac, *problem.bus_injections(p_kw, q_kvar))
@@ -155,6 +160,19 @@ class Dispatcher:
                  result.solve_s, result.ac_check_s, result.violations_remaining,
                  f" reason={result.reason!r}" if result.reason else "")
         return result
+
+    def _requests_missed(self, ac) -> np.ndarray:
+        """Per planning step, 1 where the plan keeps a flexibility request (no priced
+        deviation) but its AC check's import leaves the requested range by more than
+        the connection's tolerance (0.5 %, at least 1 kW), else 0."""
+        problem = self.problem
+        if problem.flex_dev.value is None:
+            return np.zeros(len(ac.converged), int)
+        kept = problem.flex_dev.value <= _KEPT_KW
+        high, low = problem.p["flex_max"].value, problem.p["flex_min"].value
+        imp = ac.p_slack_kw
+        tol = np.maximum(0.005 * np.abs(imp), 1.0)
+        return (kept & ac.converged & ((imp > high + tol) | (imp < low - tol))).astype(int)
 
     def rehearse(self, inputs: HorizonInputs, state: dict[str, dict[str, Any]],
                  result: DispatchResult) -> DispatchResult:

@@ -450,6 +450,12 @@ class GridModel:
                 vm_step_p=None if steps is None else steps[0], vm_step_q=None if steps is None else steps[1])
         return self._sparse
 
+    def branch_buses(self) -> np.ndarray:
+        """Per branch (branch order), the bus-order positions of its two ends, shape
+        (n_branches, 2); -1 for an end at an auxiliary bus the network does not list."""
+        rep, rows = self._bus_of_internal(), self._br_rows
+        return np.stack([rep[self._f_all[rows]], rep[self._t_all[rows]]], axis=1)
+
     def _bus_of_internal(self) -> np.ndarray:
         """A bus-order position per internal bus (-1 for none)."""
         rep = np.full(len(self._V0), -1)
