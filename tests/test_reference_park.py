@@ -20,6 +20,18 @@ def plan_day(park, day):
     return dispatcher, inputs, dispatcher.dispatch(inputs, state)
 
 
+def updated_problem(park, day):
+    """A fresh DispatchProblem of ``park`` with the parameters of ``day``'s first cycle
+    from the initial state (not solved)."""
+    from vpp.dispatch.problem import DispatchProblem
+
+    start = pd.Timestamp(day, tz=park.site.timezone)
+    inputs = synthetic_series(park, start, days=1).horizon(park, start)
+    problem = DispatchProblem(park)
+    problem.update(inputs, {k: f.initial_state() for k, f in park.fleets.items()})
+    return problem
+
+
 @pytest.fixture(scope="module")
 def winter(reference_park_uniform):
     return plan_day(reference_park_uniform, "2025-01-15")
@@ -191,15 +203,9 @@ def test_coarse_horizon_costs_close_to_the_exact_plan(winter_coarse, winter):
 def test_broken_rows_outside_the_strict_window_wait_for_the_next_solve(reference_park):
     """``activate_broken_rows(within_steps)`` activates every broken row but counts (and so
     asks for a re-solve over) only those in the first steps."""
-    from vpp.dispatch.problem import DispatchProblem
-
-    start = pd.Timestamp("2025-01-15", tz=reference_park.site.timezone)
-    inputs = synthetic_series(reference_park, start, days=1).horizon(reference_park, start)
-    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
     problems = []
     for _ in range(2):
-        problem = DispatchProblem(reference_park)
-        problem.update(inputs, state)
+        problem = updated_problem(reference_park, "2025-01-15")
         problem.problem.solve(solver="HIGHS")
         problems.append(problem)
     everywhere, window = problems
@@ -221,13 +227,7 @@ def test_overloads_on_rows_the_plan_never_saw_do_not_tighten_the_caps(reference_
     have tightens it."""
     import dataclasses
 
-    from vpp.dispatch.problem import DispatchProblem
-
-    start = pd.Timestamp("2025-07-15", tz=reference_park.site.timezone)
-    inputs = synthetic_series(reference_park, start, days=1).horizon(reference_park, start)
-    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
-    problem = DispatchProblem(reference_park)
-    problem.update(inputs, state)
+    problem = updated_problem(reference_park, "2025-07-15")
     problem.problem.solve(solver="HIGHS")
     assert problem.activate_broken_rows(within_steps=0) == 0
     unsolved = problem.unsolved_flow.copy()
@@ -257,17 +257,11 @@ def test_branch_caps_follow_the_checked_voltage_at_their_ends(reference_park):
     """A rating limits current, and a branch carries its power plus the losses below it
     over its voltage.  Loaded at its fresh cap in the calibration's pattern, a branch
     group with losses below it is the 1 % headroom below its limit in the AC power flow
-    (at the bare rating it would be overloaded); where an AC check then finds the voltage at a
-    group's ends 4 % lower, its cap in kVA is 4 % lower, step by step."""
+    (at the bare rating it would be overloaded); where an AC check then finds the voltage
+    at a group's ends 4 % lower, its cap in kVA is 4 % lower, step by step."""
     import dataclasses
 
-    from vpp.dispatch.problem import DispatchProblem
-
-    start = pd.Timestamp("2025-01-15", tz=reference_park.site.timezone)
-    inputs = synthetic_series(reference_park, start, days=1).horizon(reference_park, start)
-    state = {k: f.initial_state() for k, f in reference_park.fleets.items()}
-    problem = DispatchProblem(reference_park)
-    problem.update(inputs, state)
+    problem = updated_problem(reference_park, "2025-01-15")
     grid, sens = reference_park.grid, problem.sens
     calibrated = np.flatnonzero(problem.flow_loss_frac > 0.0)
     assert calibrated.size >= 3
