@@ -641,12 +641,21 @@ class DispatchProblem:
         P[:, buses] = f * (capacity / weight)[:, None]
         ac = grid.run_ac(P, np.zeros_like(P))
         rel = ac.loading_percent / grid.branch_limit_percent[None, :]
+        end_vm = np.diagonal(self._group_end_vm(ac.vm_pu))  # group g's ends in calibration g
         for g, members in enumerate(self.branch_groups):
             if not ac.converged[g] or np.min(ac.vm_pu[g] - grid.v_min_pu) < -_CALIBRATION_BAND_PU:
                 continue
-            vm = ac.vm_pu[g, self._group_ends[g]].min() if self._group_ends[g].size else 1.0
+            vm = end_vm[g]
             self.flow_vm_cal_pu[g] = vm
             self.flow_loss_frac[g] = float(np.clip(rel[g, members].max() * vm - 1.0, 0.0, _MAX_LOSS_FRAC))
+
+    def _group_end_vm(self, vm_pu: np.ndarray) -> np.ndarray:
+        """Per branch group, the lowest voltage at its members' ends in each row of
+        ``vm_pu`` (rows, n_buses), shape (n_groups, rows); 1 pu for a group whose ends
+        are all auxiliary buses."""
+        rows = len(vm_pu)
+        return np.array([vm_pu[:, e].min(axis=1) if e.size else np.ones(rows)
+                         for e in self._group_ends]).reshape(len(self._group_ends), rows)
 
     def _group_capacity_kva(self) -> np.ndarray:
         """Per group and step, the smallest apparent-power limit of its members [kVA]."""
@@ -842,13 +851,11 @@ class DispatchProblem:
         self.vm_corr_pu = np.where(ok[None, :], ac.vm_pu[:, w].T - model, self.vm_corr_pu)
         self._set_voltage_band()
         self.p["losses"].value = np.where(ok, ac.p_slack_kw + p_bus_kw.sum(axis=1), self.p["losses"].value)
-        if self.group_rep.size:
-            vm_end = np.array([ac.vm_pu[:, e].min(axis=1) if e.size else np.ones(len(ok)) for e in self._group_ends])
-            self.flow_vm_pu = np.where(ok[None, :], np.maximum(vm_end, _FLOW_VM_FLOOR_PU), self.flow_vm_pu)
-            self._set_flow_cap()
-        if not tighten:
+        if not self.group_rep.size:
             return
-        if self.group_rep.size:
+        vm_end = np.maximum(self._group_end_vm(ac.vm_pu), _FLOW_VM_FLOOR_PU)
+        self.flow_vm_pu = np.where(ok[None, :], vm_end, self.flow_vm_pu)
+        if tighten:
             # Each group's loading relative to its limit: the worst member counts.
             rel = np.array([(ac.loading_percent[:, g].T / self.branch_limit_percent[g]).max(axis=0)
                             for g in self.branch_groups])
@@ -861,7 +868,7 @@ class DispatchProblem:
             # steps, so every step near the limit shares its branch's worst ratio.
             near = (loading > _NEAR_LIMIT_FRAC * limit) & (ratio[:, None] < 1.0)
             self.flow_scale = np.where(near, self.flow_scale * ratio[:, None] * 0.995, self.flow_scale)
-            self._set_flow_cap()
+        self._set_flow_cap()
 
     # --- results ---------------------------------------------------------------------------------
 
