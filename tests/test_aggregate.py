@@ -227,23 +227,29 @@ def test_a_coarse_horizon_gives_base_step_setpoints_within_the_members_power_lim
 
 def test_sparse_and_dense_grid_rows_plan_the_same_optimum():
     """Both forms state one linear grid model: a tight feeder gives equal optima and
-    equal grid-row activity, whichever the LP carries."""
-    results = {}
-    for form in ("dense", "sparse"):
+    equal grid-row activity, whichever the LP carries.  With lazy rows the sparse form's
+    interior-point solves leave the relaxed rows out (HighsArrays' unreachable rows) and
+    still end at the whole LP's optimum."""
+    results, solvers = {}, {}
+    for form, lazy in (("dense", False), ("sparse", False), ("sparse", True)):
         park = synthetic_portfolio(48, seed=2, size=SMALL, import_limit_kw=60.0,
-                                   settings={**ONE_ITERATION, "grid_model": form, "lazy_grid_rows": False})
+                                   settings={**ONE_ITERATION, "grid_model": form, "lazy_grid_rows": lazy})
         # A narrow voltage band and low loading limits, so that grid rows are in the LP and bind.
         park = dataclasses.replace(park, grid=GridModel(synthetic_feeder(SMALL, 2), 0.99, 1.022, 15.0))
         inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
         state = {k: f.initial_state() for k, f in park.fleets.items()}
         agg = AggregateDispatcher(park)
-        results[form] = agg.dispatch(inputs, state)
+        results[form, lazy] = agg.dispatch(inputs, state)
+        solvers[form, lazy] = agg.dispatcher.solvers["HIGHS"]
         assert agg.dispatcher.problem.grid_form == form
         problem = agg.dispatcher.problem
         assert problem.watched_buses.size > 0 and problem.group_rep.size > 0
-    dense, sparse = results["dense"], results["sparse"]
-    assert dense.ok and sparse.ok
-    assert sparse.virtual.objective_cny == pytest.approx(dense.virtual.objective_cny, rel=1e-6)
+    dense = results["dense", False]
+    assert all(r.ok for r in results.values())
+    for lazy in (False, True):
+        assert results["sparse", lazy].virtual.objective_cny == pytest.approx(dense.virtual.objective_cny, rel=1e-6)
+    lazy_solver = solvers["sparse", True]
+    assert lazy_solver.rows_left_out > 0 and lazy_solver.whole_lp_resolves == 0
 
 
 def test_coarse_plan_quarter_hours_keep_the_grid_limits(monkeypatch):

@@ -279,6 +279,37 @@ def test_interior_point_without_the_switched_off_rows_solves_the_same_lp():
     assert problem.status == cp.INFEASIBLE
 
 
+def test_interior_point_leaves_out_unreachable_rows_and_checks_them():
+    """With ``unreachable_rhs``, an interior-point solve leaves out the rows ``a x <= b``
+    with ``b`` at or above it (vpp's relaxed grid rows).  Where the solution keeps them
+    the answer is the whole LP's without a second solve; where it breaks one, or the LP
+    without them has no optimum, HighsArrays solves the whole LP again and returns its
+    optimum."""
+    import cvxpy as cp
+
+    from vpp.dispatch.highs import HighsArrays
+
+    x = cp.Variable(2, nonneg=True)
+    cap = cp.Parameter(2)
+    reachable = cp.Parameter(nonneg=True)
+    problem = cp.Problem(cp.Minimize(-x[0] - 2.0 * x[1]), [x <= cap, 0.5 * x[1] <= reachable])
+    ipm = {"solver": "ipm", "run_crossover": "off"}
+    cases = (
+        ([5.0, 1e6], 10.0, 0),   # the 1e6 row is slack at the reduced optimum: one solve
+        ([5.0, 1.5e5], 9e4, 1),  # reduced optimum x1 = 1.8e5 breaks x1 <= 1.5e5: whole LP again
+        ([5.0, 2e5], 2e5, 1),    # both rows on x1 left out: unbounded without them
+    )
+    for cap_value, reachable_value, resolves in cases:
+        cap.value, reachable.value = np.array(cap_value), reachable_value
+        problem.solve(solver=cp.HIGHS)
+        whole = problem.value, x.value.copy()
+        solver = HighsArrays(unreachable_rhs=1e5)
+        problem.solve(solver=solver, highs_options=ipm)
+        assert problem.status == cp.OPTIMAL and solver.whole_lp_resolves == resolves
+        assert problem.value == pytest.approx(whole[0], rel=1e-7)
+        assert np.allclose(x.value, whole[1], rtol=1e-7, atol=1e-5)
+
+
 def _next_cycle_after_a_hot_solve(make_park):
     """A battery-and-load park's LP solved once through a basis-keeping HighsArrays,
     then updated to the next cycle's data (load and prices two hours on), unsolved:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from vpp.assets import Horizon
 from vpp.dispatch.highs import HighsArrays
-from vpp.dispatch.problem import DispatchProblem, HorizonInputs
+from vpp.dispatch.problem import UNREACHABLE_RHS, DispatchProblem, HorizonInputs
 from vpp.dispatch.rehearsal import next_cycle
 from vpp.dispatch.result import DispatchResult, count_violations
 
@@ -74,8 +74,10 @@ class Dispatcher:
         self.solver_s = 0.0  # time inside the solver during the last cycle
         self._last_ac = None  # the last AC check, the start of the next
         # HiGHS through cvxpy, with the LP handed over as arrays (vpp/dispatch/highs.py);
-        # its simplex starts each solve from this dispatcher's last optimal basis.
-        self.solvers = {"HIGHS": HighsArrays(keep_basis=True), "CLARABEL": cp.CLARABEL}
+        # its simplex starts each solve from this dispatcher's last optimal basis, and its
+        # interior point leaves out the relaxed grid rows.
+        self.solvers = {"HIGHS": HighsArrays(keep_basis=True, unreachable_rhs=UNREACHABLE_RHS),
+                        "CLARABEL": cp.CLARABEL}
 
     def compile(self) -> float:
         """Canonicalise the LP for the configured solver now, so that the first cycle does

@@ -75,8 +75,12 @@ _PRUNE_SLACK_PU = 0.01
 _NEAR_LIMIT_FRAC = 0.97
 # Lazy grid rows: a relaxed row's limit, how far a row may be broken before it is
 # activated, and the slack above which an active row is relaxed for the next cycle.
+# Relaxed limits sit at or above UNREACHABLE_RHS, and every real limit of the LP (kW,
+# kVA, kWh, p.u.) below it: the interior-point solve leaves those rows out
+# (vpp.dispatch.highs.HighsArrays) and checks them at its solution.
+UNREACHABLE_RHS = 1e5
 _RELAXED_KVA = 1e6
-_RELAXED_PU = 10.0
+_RELAXED_PU = 1e6
 _LAZY_TOL = 1e-6
 # Rows stay active down to these slacks: a row relaxed too eagerly costs a re-solve
 # when the next cycle breaks it (0.3 / 0.04 cut the re-solves by about a third against
