@@ -325,3 +325,47 @@ def test_portfolio_lp_is_compiled_at_start_up_and_reused_by_the_first_cycle():
     state = {k: f.initial_state() for k, f in park.fleets.items()}
     assert fast.dispatch(inputs, state).ok
     assert fast.dispatcher.problem.problem._cache.param_prog is compiled
+
+
+COARSE_HOURS = {"horizon_resolution": [[2, 0.25], [6, 0.5], [24, 1.0]]}
+
+
+def _plan_at(park, when: str, state: dict):
+    at = pd.Timestamp(when, tz=park.site.timezone)
+    inputs = portfolio_series(park, at).horizon(park, at)
+    return inputs, AggregateDispatcher(park).dispatch(inputs, state)
+
+
+def test_heat_pump_offsets_fall_no_faster_than_the_members_demand():
+    """On a summer morning the heat pumps have almost no heat to deliver.  A member whose
+    store is fuller than its share of the group cannot shed heat faster than its own
+    demand and losses take it, so its offset may not fall faster either; before that
+    bound, the even-out ramp made every group heat into a full store and the LP had no
+    solution (the whole portfolio fell back).  The plan now exists and every member's
+    store stays within its limits."""
+    park = synthetic_portfolio(60, seed=1, settings=COARSE_HOURS)
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    inputs, result = _plan_at(park, "2025-07-15 10:00", state)
+    assert result.ok, result.virtual.reason
+    checked = evaluate_plan(park, inputs, state, result.p_kw)
+    for name in ("heat_pump.store_max_kwh_th", "heat_pump.p_max_kw", "heat_pump.p_min_kw"):
+        assert checked.violations.get(name, 0) == 0, (name, checked.worst.get(name))
+
+
+def test_battery_end_target_leaves_room_for_members_that_start_full():
+    """Without end targets, a virtual battery should end where it starts.  A member that
+    starts full has its window lowered by the round-trip margin its offset needs, so the
+    group cannot end as full as it started: the end target is capped at what the window
+    allows instead of making the LP infeasible (before, half the members full at 11:00
+    sent the whole portfolio to its fallback)."""
+    park = synthetic_portfolio(60, seed=1, settings=COARSE_HOURS)
+    state = {k: f.initial_state() for k, f in park.fleets.items()}
+    storage = park.fleets["battery"].storage
+    e_kwh = 0.3 * storage.e_kwh
+    e_kwh[::2] = storage.e_max_kwh[::2]
+    state["battery"] = dict(state["battery"], e_kwh=e_kwh)
+    inputs, result = _plan_at(park, "2025-01-15 11:00", state)
+    assert result.ok, result.virtual.reason
+    checked = evaluate_plan(park, inputs, state, result.p_kw)
+    for name in ("battery.soc_max_kwh", "battery.soc_min_kwh", "battery.p_charge_kw", "battery.p_discharge_kw"):
+        assert checked.violations.get(name, 0) == 0, (name, checked.worst.get(name))

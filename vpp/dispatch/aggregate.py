@@ -56,7 +56,9 @@ their offsets vanish.  Otherwise what is given up is bounded by what the offsets
   at the end back to its own target), the virtual window narrows by the spread of the
   members' normalised offsets and the virtual power by the offsets' power; spread
   C-rates or power-to-store ratios within a cluster cap the virtual power at the
-  smallest member ratio;
+  smallest member ratio; a heat pump's offset falls no faster than its own heat demand
+  and store losses can take its store down (in summer it only decays), and a virtual
+  battery's end target is capped at the highest end its window allows;
 - EVs: each car's schedule is a blend of six reference schedules with cluster-wide
   weights, so EV flexibility is the convex hull of those schedules, not every schedule.
 

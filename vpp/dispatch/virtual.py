@@ -118,6 +118,22 @@ def ramp_offsets(start: np.ndarray, end: np.ndarray, ramp_steps: np.ndarray, n_s
             + end[:, None] * np.clip(1.0 - (n_steps - t) / r, 0.0, 1.0))
 
 
+def demand_limited_offsets(offset_kwh: np.ndarray, keep: np.ndarray, demand_kwh: np.ndarray) -> np.ndarray:
+    """Heat-pump offsets (m, T + 1) that fall no faster than each member's own heat demand
+    and store losses can empty its store: ``offset_kwh`` where it falls slower, else
+    ``keep * o[t] - demand_kwh[t]``.
+
+    A member whose offset falls must heat less than its share, and where its demand is
+    low (summer, a mild noon) it cannot shed heat any faster than by not heating at all.
+    A faster fall would make every other plan of its group heat more (and overfill the
+    group's store), so the LP would have no solution.  With this bound the group heating
+    exactly its demand is always within every member's heat limits (minimum heat 0)."""
+    out = offset_kwh.copy()
+    for t in range(out.shape[1] - 1):
+        out[:, t + 1] = np.maximum(offset_kwh[:, t + 1], keep[:, t] * out[:, t] - demand_kwh[:, t])
+    return out
+
+
 class VirtualBatteryFleet(VirtualFleet):
     """Batteries of one product (same efficiencies, self-discharge, C-rate, SoC window) at a bus.
 
@@ -188,7 +204,7 @@ class VirtualBatteryFleet(VirtualFleet):
         self.off_ch_kw = np.maximum(moved, 0.0) / (st.eta_ch[:, None] * dt)
         self.off_dis_kw = np.maximum(-moved, 0.0) * st.eta_dis[:, None] / dt
         share = self.share[:, None]
-        self.e0.value, self.e_end.value = E0, Eend
+        self.e0.value = E0
         # A member's setpoint is its net power: where its offset runs against its share, the
         # plant skips the round-trip loss the plan counts and ends up fuller, by at most this.
         netting_kwh = np.cumsum((1.0 / st.eta_dis - st.eta_ch)[:, None] * np.minimum(
@@ -197,6 +213,9 @@ class VirtualBatteryFleet(VirtualFleet):
         hi = self.group_min((st.e_max_kwh[:, None] - netting_kwh - self.offset_kwh[:, 1:]) / share)
         self.window_conflicts = int(np.sum(lo > hi + 1e-9))
         self.e_lo.value, self.e_hi.value = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+        # Members that start full keep their start as end target, but the window leaves
+        # them the netting margin below it: the end target is at most what the window allows.
+        self.e_end.value = np.minimum(Eend, self.e_hi.value[:, -1])
         self.ch_max.value = np.maximum(self.group_min((st.p_ch_max_kw[:, None] - self.off_ch_kw) / share), 0.0)
         self.dis_max.value = np.maximum(self.group_min((st.p_dis_max_kw[:, None] - self.off_dis_kw) / share), 0.0)
         self.offset_kw.value = self.total(self.off_dis_kw - self.off_ch_kw)
@@ -299,8 +318,8 @@ class VirtualHeatPumpFleet(VirtualFleet):
         start, end = e0 - self.share * E0[c], e_end - self.share * Eend[c]
         rate_kwh = RAMP_POWER_FRAC * hp.p_max_kw * cop_lo.min(axis=1) * dt.min()
         steps = np.clip(self.group_max(np.ceil(np.maximum(np.abs(start), np.abs(end)) / rate_kwh)), 1, T // 2)[c]
-        self.offset_kwh = ramp_offsets(start, end, steps, T)
         keep = 1.0 - hp.loss_per_h[:, None] * dt
+        self.offset_kwh = demand_limited_offsets(ramp_offsets(start, end, steps, T), keep, demand * dt)
         self.offset_heat = (self.offset_kwh[:, 1:] - keep * self.offset_kwh[:, :-1]) / dt + demand - w * D[c]
         self.h_lo.value = self.group_max((hp.p_min_kw[:, None] * cop_hi - self.offset_heat) / w)
         self.h_hi.value = self.group_min((hp.p_max_kw[:, None] * cop_lo - self.offset_heat) / w)
