@@ -283,8 +283,8 @@ def test_interior_point_leaves_out_unreachable_rows_and_checks_them():
     """With ``unreachable_rhs``, an interior-point solve leaves out the rows ``a x <= b``
     with ``b`` at or above it (vpp's relaxed grid rows).  Where the solution keeps them
     the answer is the whole LP's without a second solve; where it breaks one, or the LP
-    without them has no optimum, HighsArrays solves the whole LP again and returns its
-    optimum."""
+    without them is unbounded, HighsArrays solves the whole LP again and returns its
+    optimum.  An LP infeasible without them is infeasible with them: no second solve."""
     import cvxpy as cp
 
     from vpp.dispatch.highs import HighsArrays
@@ -308,6 +308,12 @@ def test_interior_point_leaves_out_unreachable_rows_and_checks_them():
         assert problem.status == cp.OPTIMAL and solver.whole_lp_resolves == resolves
         assert problem.value == pytest.approx(whole[0], rel=1e-7)
         assert np.allclose(x.value, whole[1], rtol=1e-7, atol=1e-5)
+    # Infeasible without the left-out rows, so infeasible with them: no second solve.
+    cap.value, reachable.value = np.array([5.0, 1e6]), 10.0
+    problem_x0 = cp.Problem(problem.objective, problem.constraints + [x[0] >= 6.0])
+    solver = HighsArrays(unreachable_rhs=1e5)
+    problem_x0.solve(solver=solver, highs_options=ipm)
+    assert problem_x0.status == cp.INFEASIBLE and solver.whole_lp_resolves == 0 and solver.rows_left_out == 1
 
 
 def _next_cycle_after_a_hot_solve(make_park):

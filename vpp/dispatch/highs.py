@@ -74,7 +74,7 @@ class HighsArrays(HIGHS):
         rows = None  # the rows handed to HiGHS, None for all
         if ipm:
             A = A.tocsr()
-            rows = _rows_that_bind(A, b, n_eq)
+            rows = every_row = _rows_that_bind(A, b, n_eq)
             if self.unreachable_rhs is not None:
                 reachable = (rows < n_eq) | (b[rows] < self.unreachable_rhs)
                 rows, left_out = rows[reachable], rows[~reachable]
@@ -86,14 +86,12 @@ class HighsArrays(HIGHS):
         try:
             solver = self._run(data, A, b, n_eq, rows, opts, verbose, basis)
             run_time = solver.getRunTime()
-            if ipm and self.unreachable_rhs is not None and len(left_out):
-                x = np.asarray(solver.getSolution().col_value)
-                broken = A[left_out] @ x > b[left_out] + 1e-6 * np.maximum(np.abs(b[left_out]), 1.0)
-                if solver.getModelStatus() != hp.HighsModelStatus.kOptimal or broken.any():
-                    self.whole_lp_resolves += 1
-                    rows = _rows_that_bind(A, b, n_eq)
-                    solver = self._run(data, A, b, n_eq, rows, opts, verbose, None)
-                    run_time += solver.getRunTime()
+            if ipm and self.unreachable_rhs is not None and len(left_out) and _needs_every_row(
+                    solver, A[left_out], b[left_out]):
+                self.whole_lp_resolves += 1
+                rows = every_row
+                solver = self._run(data, A, b, n_eq, rows, opts, verbose, None)
+                run_time += solver.getRunTime()
             status = solver.getModelStatus()
             if keep and status == hp.HighsModelStatus.kOptimal:
                 kept = solver.getBasis()
@@ -159,6 +157,20 @@ class HighsArrays(HIGHS):
         if results["model_status"] == "kInfeasible":
             return failure_solution(s.INFEASIBLE, {s.SOLVE_TIME: results["run_time"], s.EXTRA_STATS: results["info"]})
         return super().invert(results, inverse_data)
+
+
+def _needs_every_row(solver, A_out, b_out: np.ndarray) -> bool:
+    """Whether an LP solved without the rows ``A_out x <= b_out`` must be solved again with
+    them: its optimum breaks one of them, or it ended neither optimal nor infeasible.  An
+    infeasible LP stays infeasible with more rows, and one that ran out of time would
+    run out of time again."""
+    import highspy as hp
+
+    status = solver.getModelStatus()
+    if status == hp.HighsModelStatus.kOptimal:
+        x = np.asarray(solver.getSolution().col_value)
+        return bool(np.any(A_out @ x > b_out + 1e-6 * np.maximum(np.abs(b_out), 1.0)))
+    return status not in (hp.HighsModelStatus.kInfeasible, hp.HighsModelStatus.kTimeLimit)
 
 
 def _rows_that_bind(A, b: np.ndarray, n_eq: int) -> np.ndarray:

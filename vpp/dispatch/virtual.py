@@ -127,7 +127,7 @@ def demand_limited_offsets(offset_kwh: np.ndarray, keep: np.ndarray, demand_kwh:
     low (summer, a mild noon) it cannot shed heat any faster than by not heating at all.
     A faster fall would make every other plan of its group heat more (and overfill the
     group's store), so the LP would have no solution.  With this bound the group heating
-    exactly its demand is always within every member's heat limits (minimum heat 0)."""
+    exactly its demand never asks a member for negative heat."""
     out = offset_kwh.copy()
     for t in range(out.shape[1] - 1):
         out[:, t + 1] = np.maximum(offset_kwh[:, t + 1], keep[:, t] * out[:, t] - demand_kwh[:, t])
