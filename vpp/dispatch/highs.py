@@ -71,7 +71,7 @@ class HighsArrays(HIGHS):
         shape = (n_rows, n_cols)
         b = np.asarray(data[s.B], dtype=np.float64)
         n_eq = dims[s.EQ_DIM]
-        rows = None  # the rows handed to HiGHS, None for all
+        rows = left_out = None  # the rows handed to HiGHS (None for all), and those left out
         if ipm:
             A = A.tocsr()
             rows = every_row = _rows_that_bind(A, b, n_eq)
@@ -86,8 +86,7 @@ class HighsArrays(HIGHS):
         try:
             solver = self._run(data, A, b, n_eq, rows, opts, verbose, basis)
             run_time = solver.getRunTime()
-            if ipm and self.unreachable_rhs is not None and len(left_out) and _needs_every_row(
-                    solver, A[left_out], b[left_out]):
+            if left_out is not None and len(left_out) and _needs_every_row(solver, A[left_out], b[left_out]):
                 self.whole_lp_resolves += 1
                 rows = every_row
                 solver = self._run(data, A, b, n_eq, rows, opts, verbose, None)

@@ -183,8 +183,8 @@ class DispatchProblem:
         asset_buses = np.unique(np.concatenate([park.bus_positions(k) for k in park.fleets]))
         injection_buses = asset_buses
         self._group_branches(sens, asset_buses, bus_p_min, bus_p_max, bus_q_max)
-        self._calibrate_groups(asset_buses)
         asset_buses = asset_buses[asset_buses != grid.slack_position]
+        self._calibrate_groups(asset_buses)
         asset_buses = asset_buses[self._voltage_can_bind(asset_buses, bus_p_min, bus_p_max, bus_q_max)]
         self.watched_buses = asset_buses
         self.active_flow = np.zeros((self.group_rep.size, T), bool)
@@ -620,7 +620,8 @@ class DispatchProblem:
         self._group_ends = [np.unique(ends[g][ends[g] >= 0]) for g in kept]
 
     def _calibrate_groups(self, buses: np.ndarray) -> None:
-        """Per branch group, what the linear flow misses at the group's rating.
+        """Per branch group, what the linear flow misses at the group's rating; ``buses``
+        are the buses with assets, the slack bus left out.
 
         The linear model counts the power of the buses a branch feeds; its current is that
         plus the losses of the cables below it, over its voltage.  On an LV feeder's head
@@ -634,7 +635,6 @@ class DispatchProblem:
         or does not converge keeps 0 and 1 pu.  Sets both, shape (n_groups,)."""
         grid, sens, n_g = self.park.grid, self.sens, self.group_rep.size
         self.flow_loss_frac, self.flow_vm_cal_pu = np.zeros(n_g), np.ones(n_g)
-        buses = buses[buses != grid.slack_position]
         if not n_g or not buses.size:
             return
         f = sens.branch_p_per_kw[np.ix_(self.group_rep, buses)]
