@@ -15,7 +15,11 @@ Method
    :class:`~vpp.dispatch.dispatcher.Dispatcher`.
 3. **Disaggregate** (:meth:`AggregateDispatcher.dispatch`): members' setpoints are the
    shares plus offsets; per bus they add up to the virtual plan (to rounding), so the AC
-   check of the virtual plan is the AC check of the members' setpoints.
+   check of the virtual plan is the AC check of the members' setpoints.  Batteries are
+   the exception: each member follows its planned energy, and where its offset nets
+   against its share it skips losses the plan counts and injects up to about 11 % of the
+   offset's power more than planned; the members' setpoints then get an AC check of
+   their own.
 
 Plan groups
 -----------
@@ -57,8 +61,9 @@ their offsets vanish.  Otherwise what is given up is bounded by what the offsets
   members' normalised offsets and the virtual power by the offsets' power; spread
   C-rates or power-to-store ratios within a cluster cap the virtual power at the
   smallest member ratio; a heat pump's offset falls no faster than its own heat demand
-  and store losses can take its store down (in summer it only decays), and a virtual
-  battery's end target is capped at the highest end its window allows;
+  and store losses can take its store down (in summer it only decays); the plan counts
+  the round-trip loss of a battery offset's flows even where the member's net setpoint
+  skips it (the member then draws less than planned);
 - EVs: each car's schedule is a blend of six reference schedules with cluster-wide
   weights, so EV flexibility is the convex hull of those schedules, not every schedule.
 
@@ -170,9 +175,11 @@ class AggregateResult:
 
     ``p_kw`` maps a kind to its members' active setpoints (n_members, n_steps) [kW], in
     the order of the park's fleet; ``bus_mismatch_kw`` is the largest difference between a
-    virtual asset's plan and the sum of its members' setpoints.  ``base_violations``
-    counts the grid limits the members' base-step setpoints break in the AC check (coarse
-    horizons; ``rounds`` plans were made to get there), ``strict_violations`` those of
+    virtual asset's plan and the sum of its members' setpoints (the losses batteries skip,
+    see :meth:`~vpp.dispatch.virtual.VirtualBatteryFleet.disaggregate`).
+    ``base_violations`` counts the grid limits the members' base-step setpoints break in
+    their AC check (run for coarse horizons and wherever the members differ from the
+    plan; ``rounds`` plans were made to get there), ``strict_violations`` those of
     them in the first ``settings.strict_hours`` (all of them without a window); the
     seconds split the cycle.
     """
@@ -201,6 +208,8 @@ class AggregateResult:
 
 # Re-plans of a cycle whose quarter hours break a grid limit inside coarse planning steps.
 _BASE_ROUNDS = 1
+# Members' setpoints within this of the virtual plan at every bus [kW] need no AC check of their own.
+_EXACT_KW = 1e-6
 
 
 class AggregateDispatcher:
@@ -234,30 +243,35 @@ class AggregateDispatcher:
         hours = self.park.settings.strict_hours
         strict = len(inputs.index) if hours is None else int(np.ceil(hours / self.park.settings.dt_h - 1e-9))
         base_s = solve_s = solver_s = ac_s = dis_s = 0.0
+        violations = None
         for round_ in range(_BASE_ROUNDS + 1):
             virtual = self.dispatcher.dispatch(inputs, state)
             solve_s, solver_s, ac_s = solve_s + virtual.solve_s, solver_s + virtual.solver_s, ac_s + virtual.ac_check_s
             t0 = time.perf_counter()
             p_kw, details, mismatch = self._split(virtual, inputs, state)
             dis_s += time.perf_counter() - t0
-            if not virtual.ok or problem.horizon.uniform:
+            uniform = problem.horizon.uniform
+            if not virtual.ok or (uniform and mismatch <= _EXACT_KW):
                 break
-            # The plan's quarter hours, not only its planning steps, through the AC power flow.
+            # The members' quarter hours, not only the planning steps, through the AC power
+            # flow: inside coarse blocks they vary around the block, and batteries whose
+            # offsets net against their share inject a little more than the plan.
             t0 = time.perf_counter()
             ac = self.park.grid.run_ac(*member_bus_injections(self.park, p_kw))
             violations = count_violations(ac, *limits)
             problem.fold_base_check(ac, limits[2])
             base_s += time.perf_counter() - t0
             # Re-plan for the quarter hours the next cycles carry out; further out the
-            # margins folded above shape the next cycle's plan instead.
-            if violations[:strict].sum() == 0 or round_ == _BASE_ROUNDS:
+            # margins folded above shape the next cycle's plan instead.  A uniform plan
+            # has no blocks to fold, so planning it again would give the same plan.
+            if uniform or violations[:strict].sum() == 0 or round_ == _BASE_ROUNDS:
                 break
-        checked = virtual.ok and not problem.horizon.uniform
+        checked = virtual.ok and violations is not None
         base_violations = int(violations.sum()) if checked else 0
         strict_violations = int(violations[:strict].sum()) if checked else 0
         if base_violations:
-            virtual.reason = (f"{base_violations} grid limit violation(s) remain in the quarter hours of coarse "
-                              f"planning steps after {round_ + 1} plan(s)"
+            virtual.reason = (f"{base_violations} grid limit violation(s) remain in the quarter hours of the "
+                              f"members' setpoints after {round_ + 1} plan(s)"
                               + (f", {strict_violations} of them in the first {hours:g} h" if hours is not None else ""))
         total = time.perf_counter() - t_start
         return AggregateResult(
