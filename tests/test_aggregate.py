@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vpp.dispatch.aggregate import AggregateDispatcher, cluster_assets, evaluate_plan
+from vpp.dispatch.aggregate import AggregateDispatcher, cluster_assets, evaluate_plan, with_ev_orders
 from vpp.dispatch.dispatcher import Dispatcher
 from vpp.dispatch.grid import GridModel
 from vpp.errors import SpecError
@@ -405,3 +405,25 @@ def test_members_that_start_full_end_where_they_started():
     for name in ("battery.soc_max_kwh", "battery.soc_min_kwh", "battery.p_charge_kw", "battery.p_discharge_kw",
                  "battery.end_kwh"):
         assert checked.violations.get(name, 0) == 0, (name, checked.worst.get(name))
+
+
+def test_valley_schedule_charges_where_the_rest_of_the_portfolio_draws_least():
+    from vpp.dispatch.virtual import reference_schedules
+
+    cap = np.zeros((2, 10))
+    cap[0, 0:8] = 2.0   # car 0 plugged in for steps 0-7, car 1 for steps 2-9, 2 kWh per step
+    cap[1, 2:10] = 2.0
+    table = {"cap_kwh": cap, "need_kwh": np.array([6.0, 3.0])}
+    others_kw = np.array([9, 8, 1, 7, 2, 6, 3, 5, 4, 0], float)
+    refs = reference_schedules(table, np.full(10, 0.5), others_kw)
+    assert refs.shape == (7, 2, 10)
+    np.testing.assert_allclose(refs.sum(axis=2), np.tile([6.0, 3.0], (7, 1)))  # each meets the need ...
+    assert np.all(refs >= 0.0) and np.all(refs <= cap + 1e-12)                 # ... while plugged in, within rate
+    np.testing.assert_allclose(refs[-1], [[0, 0, 2, 0, 2, 0, 2, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0, 0, 2]])
+    # The aggregate dispatcher sorts by the others' forecast draw: loads and heat over COP less PV.
+    park = synthetic_portfolio(48, seed=2, size=SMALL)
+    inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
+    f = inputs.forecasts
+    expected = (f["load"]["demand_kw"].sum(axis=0) - f["pv"]["avail_kw"].sum(axis=0)
+                + (f["heat_pump"]["heat_kw_th"] / f["heat_pump"]["cop"]).sum(axis=0))
+    np.testing.assert_allclose(with_ev_orders(park, inputs).forecasts["charging_station"]["others_kw"], expected)

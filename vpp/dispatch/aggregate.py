@@ -64,7 +64,7 @@ their offsets vanish.  Otherwise what is given up is bounded by what the offsets
   and store losses can take its store down (in summer it only decays); the plan counts
   the round-trip loss of a battery offset's flows even where the member's net setpoint
   skips it (the member then draws less than planned);
-- EVs: each car's schedule is a blend of six reference schedules with cluster-wide
+- EVs: each car's schedule is a blend of seven reference schedules with cluster-wide
   weights, so EV flexibility is the convex hull of those schedules, not every schedule.
 
 The loss is measured, not assumed: ``bench/bench_portfolio.py`` evaluates the fast and
@@ -158,13 +158,23 @@ def aggregate_park(park, group_by: str = "bus"):
     return dataclasses.replace(park, fleets=fleets, asset_bus=asset_bus)
 
 
-def with_ev_prices(park, inputs: HorizonInputs) -> HorizonInputs:
-    """Inputs whose charger forecast carries the energy price the cheapest-first schedules sort by."""
+def with_ev_orders(park, inputs: HorizonInputs) -> HorizonInputs:
+    """Inputs whose charger forecast carries what the cars' reference schedules sort steps
+    by: the energy price (with carbon) and the rest of the portfolio's forecast draw [kW],
+    base loads and heat demand over COP less available PV."""
     if "charging_station" not in inputs.forecasts:
         return inputs
     carbon_cny = np.asarray(inputs.carbon_kg_per_kwh, float) * park.carbon.price_cny_per_t / 1000.0
-    forecasts = dict(inputs.forecasts)
-    forecasts["charging_station"] = {**forecasts["charging_station"],
+    f = inputs.forecasts
+    others = np.zeros(len(inputs.index))
+    if "load" in f:
+        others += np.sum(np.asarray(f["load"]["demand_kw"], float), axis=0)
+    if "pv" in f:
+        others -= np.sum(np.asarray(f["pv"]["avail_kw"], float), axis=0)
+    if "heat_pump" in f:
+        others += np.sum(np.asarray(f["heat_pump"]["heat_kw_th"], float) / np.asarray(f["heat_pump"]["cop"], float), axis=0)
+    forecasts = dict(f)
+    forecasts["charging_station"] = {**f["charging_station"], "others_kw": others,
                                      "price_cny_per_kwh": np.asarray(inputs.buy_price_cny_per_kwh, float) + carbon_cny}
     return dataclasses.replace(inputs, forecasts=forecasts)
 
@@ -234,7 +244,7 @@ class AggregateDispatcher:
         checked is their per-bus sum, so its AC check is theirs.
         """
         t_start = time.perf_counter()
-        inputs = with_ev_prices(self.park, inputs)
+        inputs = with_ev_orders(self.park, inputs)
         # A virtual fallback must be the sum of the members' own fallbacks, not the last
         # virtual plan shifted (which could not be split without its solved variables).
         self.dispatcher.previous = None
