@@ -122,8 +122,10 @@ def _battery_skip_bound_kw(fleet) -> np.ndarray:
     plan: (1 / (eta_ch eta_dis) - 1) times the smaller of each member's charge and
     discharge flows, the round trip its net setpoint skips."""
     st, share, c = fleet.members.storage, fleet.share[:, None], fleet.member_group
-    charge = share * fleet.p_ch.value[c] + fleet.off_ch_kw
-    discharge = share * fleet.p_dis.value[c] + fleet.off_dis_kw
+    end_per_h = fleet.end_moved.value[c] / fleet.horizon.step_h[None, :]
+    charge = share * fleet.p_ch.value[c] + fleet.off_ch_kw + np.maximum(fleet.end_kwh, 0.0)[:, None] * end_per_h / st.eta_ch[:, None]
+    discharge = (share * fleet.p_dis.value[c] + fleet.off_dis_kw
+                 + np.maximum(-fleet.end_kwh, 0.0)[:, None] * end_per_h * st.eta_dis[:, None])
     return fleet.total((1.0 / (st.eta_ch * st.eta_dis) - 1.0)[:, None] * np.minimum(charge, discharge))
 
 
@@ -162,8 +164,33 @@ def test_members_add_up_to_the_virtual_plan_per_bus(mixed):
     for t in range(p.shape[1]):
         flow = np.where(p[:, t] < 0, -p[:, t] * st.eta_ch, -p[:, t] / st.eta_dis) * park.settings.dt_h
         e[:, t + 1] = e[:, t] * (1.0 - st.sd_per_h * park.settings.dt_h) + flow
-    planned = batteries.share[:, None] * batteries.e.value[batteries.member_group] + batteries.offset_kwh
+    planned = batteries.share[:, None] * batteries.e.value[batteries.member_group] + batteries.offsets_kwh()
     np.testing.assert_allclose(e, planned, rtol=0, atol=1e-5)
+
+
+def test_battery_end_offsets_move_where_the_lp_places_them(mixed):
+    """The end part of the offsets: one profile per group, 0 until the start part is
+    gone and outside the last END_WINDOW_H hours, rising to 1 at the end, so every
+    member ends at its own target (here its start: no end targets are set)."""
+    from vpp.dispatch.virtual import END_WINDOW_H
+
+    park, inputs, state, _, _ = mixed
+    agg = AggregateDispatcher(park)
+    fast = agg.dispatch(inputs, state)
+    batteries = agg.dispatcher.problem.fleets["battery"]
+    b, T = batteries.end_b.value, batteries.horizon.n_steps
+    assert np.abs(batteries.end_kwh).max() > 0.1   # spread states: the members do part again
+    np.testing.assert_allclose(b[:, -1], 1.0, atol=1e-7)
+    assert np.all(np.diff(b, axis=1) >= -1e-7)
+    window = int(round(END_WINDOW_H / park.settings.dt_h))
+    assert np.all(b[:, : T - window] <= 1e-7)
+    assert np.all(b <= batteries.end_allowed.value + 1e-7)
+    st, p = park.fleets["battery"].storage, fast.p_kw["battery"]
+    e = np.array(state["battery"]["e_kwh"], float)
+    for t in range(T):
+        e = e * (1.0 - st.sd_per_h * park.settings.dt_h) + np.where(
+            p[:, t] < 0, -p[:, t] * st.eta_ch, -p[:, t] / st.eta_dis) * park.settings.dt_h
+    assert np.all(e >= np.clip(state["battery"]["e_kwh"], st.e_min_kwh, st.e_max_kwh) - 1e-5)
 
 
 def test_a_fallback_cycle_gives_members_their_own_fallbacks():

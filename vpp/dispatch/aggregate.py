@@ -56,8 +56,9 @@ state (equal SoC, equal end target, heat demand and power in proportion to store
 their offsets vanish.  Otherwise what is given up is bounded by what the offsets take:
 
 - batteries and heat pumps: while a member's offset is non-zero (the ramp at the start
-  of the horizon that evens out initial states, at a quarter of its rating, and the ramp
-  at the end back to its own target), the virtual window narrows by the spread of the
+  of the horizon that evens out initial states, at a quarter of its rating, and the way
+  back to its own target at the end: for heat pumps a ramp, for batteries a profile the
+  LP places within the last hours), the virtual window narrows by the spread of the
   members' normalised offsets and the virtual power by the offsets' power; spread
   C-rates or power-to-store ratios within a cluster cap the virtual power at the
   smallest member ratio; a heat pump's offset falls no faster than its own heat demand
