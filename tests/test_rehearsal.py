@@ -101,7 +101,7 @@ def test_a_rehearsed_cycle_starts_with_the_grid_rows_its_plan_needs(make):
     expects it and takes those rows in; the real cycle, on those inputs, then solves once
     and finds the rehearsal's optimum.  The plan a fallback would shift stays this cycle's."""
     park = _tight_park(80)
-    inputs, state = _cycle(park, "2025-01-15 17:00")
+    inputs, state = _cycle(park, "2025-01-15 18:00")
     runs = {}
     for rehearse in (False, True):
         dispatcher = make(park)
