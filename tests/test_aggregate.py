@@ -434,7 +434,7 @@ def test_members_that_start_full_end_where_they_started():
         assert checked.violations.get(name, 0) == 0, (name, checked.worst.get(name))
 
 
-def test_valley_schedule_charges_where_the_rest_of_the_portfolio_draws_least():
+def test_valley_schedule_fills_the_cars_in_turn_where_the_rest_of_the_portfolio_draws_least():
     from vpp.dispatch.virtual import reference_schedules
 
     cap = np.zeros((2, 10))
@@ -442,11 +442,13 @@ def test_valley_schedule_charges_where_the_rest_of_the_portfolio_draws_least():
     cap[1, 2:10] = 2.0
     table = {"cap_kwh": cap, "need_kwh": np.array([6.0, 3.0])}
     others_kw = np.array([9, 8, 1, 7, 2, 6, 3, 5, 4, 0], float)
-    refs = reference_schedules(table, np.full(10, 0.5), others_kw)
+    refs = reference_schedules(table, np.full(10, 0.5), others_kw, dt_h=0.25)
     assert refs.shape == (7, 2, 10)
     np.testing.assert_allclose(refs.sum(axis=2), np.tile([6.0, 3.0], (7, 1)))  # each meets the need ...
     assert np.all(refs >= 0.0) and np.all(refs <= cap + 1e-12)                 # ... while plugged in, within rate
-    np.testing.assert_allclose(refs[-1], [[0, 0, 2, 0, 2, 0, 2, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0, 0, 2]])
+    # Car 0 has less slack and goes first, into the others' lowest steps it is plugged in
+    # for (2, 4, 6); car 1 then fills step 9 and, step 2 now being taken, step 8.
+    np.testing.assert_allclose(refs[-1], [[0, 0, 2, 0, 2, 0, 2, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]])
     # The aggregate dispatcher sorts by the others' forecast draw: loads and heat over COP less PV.
     park = synthetic_portfolio(48, seed=2, size=SMALL)
     inputs = portfolio_series(park, _start(park)).horizon(park, _start(park))
