@@ -115,6 +115,20 @@ class StorageArrays:
         end = np.where(np.isnan(self.end_frac), e0, self.end_frac * self.e_kwh)
         self.e_end.value = np.clip(end, self.e_min_kwh, self.e_max_kwh)
 
+    def trajectory_kwh(self, e0_kwh: np.ndarray, p_kw: np.ndarray, step_h) -> np.ndarray:
+        """Energy (n, T + 1) [kWh] that net powers ``p_kw`` (n, T) leave the batteries
+        with from ``e0_kwh``, steps of ``step_h`` hours (a number or one per step), not
+        clipped to any limit: charging at the charge efficiency, discharging at the
+        discharge efficiency, self-discharge on what is kept."""
+        p = np.asarray(p_kw, float)
+        step_h = np.broadcast_to(np.asarray(step_h, float), (p.shape[1],))
+        e = np.empty((self.n, p.shape[1] + 1))
+        e[:, 0] = e0_kwh
+        for t, dt_h in enumerate(step_h):
+            flow = np.where(p[:, t] < 0, -p[:, t] * self.eta_ch, -p[:, t] / self.eta_dis) * dt_h
+            e[:, t + 1] = e[:, t] * (1.0 - self.sd_per_h * dt_h) + flow
+        return e
+
     def step(self, e_kwh: np.ndarray, setpoint_kw: np.ndarray, dt_h: float):
         """Plant model: apply setpoints, clipped to power and energy limits.
 

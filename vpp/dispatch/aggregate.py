@@ -403,11 +403,7 @@ def evaluate_plan(park, inputs: HorizonInputs, state: dict, p_kw: dict[str, np.n
             _excess("battery.p_charge_kw", -p - st.p_ch_max_kw[:, None], counts, worst)
             _excess("battery.p_discharge_kw", p - st.p_dis_max_kw[:, None], counts, worst)
             e0 = np.clip(state[kind]["e_kwh"], st.e_min_kwh, st.e_max_kwh)
-            e = np.empty((st.n, T + 1))
-            e[:, 0] = e0
-            for t in range(T):
-                gain = np.where(p[:, t] < 0, -p[:, t] * st.eta_ch, -p[:, t] / st.eta_dis) * dt
-                e[:, t + 1] = e[:, t] * (1 - st.sd_per_h * dt) + gain
+            e = st.trajectory_kwh(e0, p, dt)
             _excess("battery.soc_min_kwh", st.e_min_kwh[:, None] - e[:, 1:], counts, worst)
             _excess("battery.soc_max_kwh", e[:, 1:] - st.e_max_kwh[:, None], counts, worst)
             end = np.clip(np.where(np.isnan(st.end_frac), e0, st.end_frac * st.e_kwh), st.e_min_kwh, st.e_max_kwh)

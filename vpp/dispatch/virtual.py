@@ -261,8 +261,7 @@ class VirtualBatteryFleet(VirtualFleet):
         self.e_end.value = Eend + np.where(tiny, self.group_max(np.maximum(self.end_kwh, 0.0) / self.share), 0.0)
         self.end_kwh = np.where(tiny[c], 0.0, self.end_kwh)
         up, down = np.maximum(self.end_kwh, 0.0), np.maximum(-self.end_kwh, 0.0)
-        self.end_up.value = np.maximum(self.group_max(up / self.share), 0.0)
-        self.end_down.value = np.maximum(self.group_max(down / self.share), 0.0)
+        self.end_up.value, self.end_down.value = self.group_max(up / self.share), self.group_max(down / self.share)
         # b may move once the start part is gone, within the last END_WINDOW_H hours: the
         # LP then carries these rows for a few steps, not the whole horizon.
         hours_to_end = np.append(np.cumsum(self.horizon.step_h[::-1])[::-1], 0.0)
@@ -297,12 +296,7 @@ class VirtualBatteryFleet(VirtualFleet):
         gain = planned[:, 1:] - (1.0 - st.sd_per_h[:, None] * dt) * planned[:, :-1]
         p = np.where(gain > 0, -gain / (st.eta_ch[:, None] * dt), -gain * st.eta_dis[:, None] / dt)
         p = np.clip(p, -st.p_ch_max_kw[:, None], st.p_dis_max_kw[:, None])
-        e = np.empty_like(planned)
-        e[:, 0] = self.e0_members
-        for t, step_h in enumerate(self.horizon.step_h):
-            flow = np.where(p[:, t] < 0, -p[:, t] * st.eta_ch, -p[:, t] / st.eta_dis) * step_h
-            e[:, t + 1] = e[:, t] * (1.0 - st.sd_per_h * step_h) + flow
-        return {"p_kw": p, "e_kwh": e}
+        return {"p_kw": p, "e_kwh": st.trajectory_kwh(self.e0_members, p, self.horizon.step_h)}
 
     def plan_details(self):
         e_rows = self.fraction @ self.e.value[:, 1:] + self.total(self.offsets_kwh()[:, 1:])
@@ -537,12 +531,12 @@ def _fill(cap_kwh: np.ndarray, need_kwh: np.ndarray, order: np.ndarray) -> np.nd
     return out
 
 
-def reference_schedules(table: dict[str, np.ndarray], price_cny_per_kwh: np.ndarray,
-                        others_kw: np.ndarray | None = None, dt_h: float = 0.25) -> np.ndarray:
+def reference_schedules(table: dict[str, np.ndarray], price_cny_per_kwh: np.ndarray, others_kw: np.ndarray,
+                        dt_h: float) -> np.ndarray:
     """Charging schedules (K, n_s, T) [kWh per step to the car]: as soon as possible, as late
     as possible, flat over the stay, cheapest steps first (ties early, ties late),
-    cheapest steps at half rate first and, with ``others_kw`` (the rest of the
-    portfolio's forecast draw per step), the portfolio's valleys filled.  Each delivers
+    cheapest steps at half rate first, and the portfolio's valleys filled (``others_kw``:
+    the rest of the portfolio's forecast draw per step; ``dt_h`` the step).  Each delivers
     the same energy, the most the car can take up to its need, and stays within the
     car's limit while it is plugged in.
 
@@ -562,11 +556,9 @@ def reference_schedules(table: dict[str, np.ndarray], price_cny_per_kwh: np.ndar
     half = _fill(cap / 2.0, need, by_price_early)
     half = half + _fill(cap - half, need - half.sum(axis=1), by_price_early)
     flat = cap * np.divide(need, cap.sum(axis=1), out=np.zeros(n_s), where=cap.sum(axis=1) > 0)[:, None]
-    refs = [_fill(cap, need, steps), _fill(cap, need, steps[:, ::-1]), flat,
-            _fill(cap, need, by_price_early), _fill(cap, need, by_price_late), half]
-    if others_kw is not None:
-        refs.append(_valleys_filled(cap, need, np.asarray(others_kw, float) * dt_h))
-    return np.stack(refs)
+    return np.stack([_fill(cap, need, steps), _fill(cap, need, steps[:, ::-1]), flat,
+                     _fill(cap, need, by_price_early), _fill(cap, need, by_price_late), half,
+                     _valleys_filled(cap, need, np.asarray(others_kw, float) * dt_h)])
 
 
 def _valleys_filled(cap_kwh: np.ndarray, need_kwh: np.ndarray, others_kwh: np.ndarray) -> np.ndarray:
