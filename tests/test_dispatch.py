@@ -243,6 +243,15 @@ def test_highs_through_arrays_gives_cvxpys_highs_solution(make_park):
     (obj_a, x_a, y_a), (obj_b, x_b, y_b) = solved[cp.HIGHS], solved["arrays"]
     assert obj_b == pytest.approx(obj_a, rel=1e-9)
     assert np.allclose(x_b, x_a, atol=1e-6) and np.allclose(y_b, y_a, atol=1e-6)
+    # Without duals (the dispatcher's solver): the same optimum and primal values, and
+    # no constraint keeps a dual from an earlier solve.
+    for c in problem.problem.constraints:
+        c.dual_variables[0].save_value(None)
+    problem.problem.solve(solver=HighsArrays(duals=False))
+    assert problem.problem.status == cp.OPTIMAL
+    assert problem.problem.value == pytest.approx(obj_a, rel=1e-9)
+    assert np.allclose(np.concatenate([v.value.ravel() for v in problem.problem.variables()]), x_a, atol=1e-6)
+    assert all(c.dual_value is None for c in problem.problem.constraints)
     # An infeasible LP maps to cvxpy's INFEASIBLE through either path.
     x = cp.Variable(2)
     infeasible = cp.Problem(cp.Minimize(cp.sum(x)), [x >= 1, cp.sum(x) <= 1])
@@ -358,6 +367,39 @@ def test_hot_started_simplex_reaches_the_cold_optimum(make_park):
     other = cp.Problem(cp.Minimize(cp.sum(x)), [x >= 1])
     other.solve(solver=hot)
     assert other.status == cp.OPTIMAL and hot.hot_starts == 1 and other.value == pytest.approx(3.0)
+
+
+def test_hot_starts_follow_grid_rows_switched_on_and_off():
+    """Rows a 0/1 parameter has zeroed (lazy grid rows switched off) stay out of HiGHS's
+    LP, and the kept basis follows the rows as they are switched on and off between
+    solves: every hot start ends at the optimum a cold solve of the same LP finds,
+    against scipy's linprog as the independent reference."""
+    import cvxpy as cp
+
+    from vpp.dispatch.highs import HighsArrays, _rows_for_hot_start
+
+    cost = np.array([-3.0, -2.0, -1.0, -0.5])
+    x = cp.Variable(4)
+    gate = cp.Parameter(4, nonneg=True)  # 1: the row x_i <= cap_i is in the LP
+    cap = np.array([1.0, 2.0, 0.5, 3.0])
+    problem = cp.Problem(cp.Minimize(cost @ x),
+                         [x >= 0, x <= 5, cp.sum(x) <= 6, cp.multiply(gate, x) <= cap])
+    hot = HighsArrays(keep_basis=True)
+    for step, on in enumerate(([0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0])):
+        gate.value = np.array(on, float)
+        problem.solve(solver=hot)
+        assert problem.status == cp.OPTIMAL
+        upper = np.where(np.array(on) == 1, np.minimum(cap, 5.0), 5.0)
+        reference = linprog(cost, A_ub=np.ones((1, 4)), b_ub=[6.0], bounds=list(zip(np.zeros(4), upper)))
+        assert problem.value == pytest.approx(reference.fun, abs=1e-9), on
+        assert np.allclose(x.value, reference.x, atol=1e-7), on
+        assert hot.hot_starts == step
+    # The rows of a hot start: the kept ones while they hold the live ones and few stale,
+    # grown by the rows gone live, the live ones alone once too many are stale.
+    kept = np.arange(8)
+    assert np.array_equal(_rows_for_hot_start(kept, np.arange(7)), kept)
+    assert np.array_equal(_rows_for_hot_start(kept, np.array([0, 1, 2, 3, 4, 5, 6, 9])), np.r_[np.arange(8), 9])
+    assert np.array_equal(_rows_for_hot_start(kept, np.array([0, 9])), [0, 9])
 
 
 def test_a_hot_start_that_does_not_end_optimal_is_solved_again_cold(make_park, monkeypatch):

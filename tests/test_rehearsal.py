@@ -96,25 +96,34 @@ def _first_setpoints(park, result) -> dict:
 
 @pytest.mark.parametrize("make", [Dispatcher, AggregateDispatcher], ids=["monolithic", "aggregate"])
 def test_a_rehearsed_cycle_starts_with_the_grid_rows_its_plan_needs(make):
-    """Without a rehearsal, the next cycle's plan breaks grid rows no plan of this cycle
-    came near and must be solved again.  The rehearsal plans that cycle as this one
+    """Without a rehearsal, the next cycle's plan can break grid rows no plan of this
+    cycle came near and must be solved again.  The rehearsal plans that cycle as this one
     expects it and takes those rows in; the real cycle, on those inputs, then solves once
-    and finds the rehearsal's optimum.  The plan a fallback would shift stays this cycle's."""
+    and finds the rehearsal's optimum.  The plan a fallback would shift stays this cycle's.
+
+    Which evening hour's next cycle breaks a new row depends on the optimal vertex the
+    solver ends on (the LPs are degenerate), so the cycles from 17:00, 18:00 and 19:00
+    are all planned: the rehearsal's claims must hold for each, and at least one must
+    have needed it."""
     park = _tight_park(80)
-    inputs, state = _cycle(park, "2025-01-15 18:00")
-    runs = {}
-    for rehearse in (False, True):
-        dispatcher = make(park)
-        result = dispatcher.dispatch(inputs, state)
-        assert result.ok and _plan(result).lazy_rounds >= 1  # the feeder is tight enough to need lazy rows
-        if rehearse:
-            rehearsal = dispatcher.rehearse(inputs, state, result)
-            assert rehearsal.ok
-            if isinstance(dispatcher, Dispatcher):
-                assert dispatcher.previous is result
-        expected = next_cycle(park, inputs, state, _first_setpoints(park, result), _plan(result).grid)
-        runs[rehearse] = _plan(dispatcher.dispatch(*expected))
-    assert runs[False].ok and runs[False].lazy_rounds >= 1
-    real = runs[True]
-    assert real.ok and real.lazy_rounds == 0 and real.violations_remaining == 0
-    assert real.objective_cny == pytest.approx(_plan(rehearsal).objective_cny, rel=1e-6)
+    needed = []
+    for start in ("2025-01-15 17:00", "2025-01-15 18:00", "2025-01-15 19:00"):
+        inputs, state = _cycle(park, start)
+        runs = {}
+        for rehearse in (False, True):
+            dispatcher = make(park)
+            result = dispatcher.dispatch(inputs, state)
+            assert result.ok and _plan(result).lazy_rounds >= 1  # the feeder is tight enough to need lazy rows
+            if rehearse:
+                rehearsal = dispatcher.rehearse(inputs, state, result)
+                assert rehearsal.ok
+                if isinstance(dispatcher, Dispatcher):
+                    assert dispatcher.previous is result
+            expected = next_cycle(park, inputs, state, _first_setpoints(park, result), _plan(result).grid)
+            runs[rehearse] = _plan(dispatcher.dispatch(*expected))
+        assert runs[False].ok
+        needed.append(runs[False].lazy_rounds >= 1)
+        real = runs[True]
+        assert real.ok and real.lazy_rounds == 0 and real.violations_remaining == 0, start
+        assert real.objective_cny == pytest.approx(_plan(rehearsal).objective_cny, rel=1e-6), start
+    assert any(needed), "no evening cycle needed a rehearsal: the test premise no longer holds"

@@ -75,8 +75,8 @@ class Dispatcher:
         self._last_ac = None  # the last AC check, the start of the next
         # HiGHS through cvxpy, with the LP handed over as arrays (vpp/dispatch/highs.py);
         # its simplex starts each solve from this dispatcher's last optimal basis, and its
-        # interior point leaves out the relaxed grid rows.
-        self.solvers = {"HIGHS": HighsArrays(keep_basis=True, unreachable_rhs=UNREACHABLE_RHS),
+        # interior point leaves out the relaxed grid rows; the dispatch reads no duals.
+        self.solvers = {"HIGHS": HighsArrays(keep_basis=True, unreachable_rhs=UNREACHABLE_RHS, duals=False),
                         "CLARABEL": cp.CLARABEL}
 
     def compile(self) -> float:

@@ -16,7 +16,7 @@ from cvxpy.error import SolverError
 from cvxpy.reductions.solvers.conic_solvers.highs_conif import HIGHS, unpack_highs_options_inplace
 from cvxpy.reductions.solvers.conic_solvers.conic_solver import dims_to_solver_dict
 import cvxpy.settings as s
-from cvxpy.reductions.solution import failure_solution
+from cvxpy.reductions.solution import Solution, failure_solution
 
 
 class HighsArrays(HIGHS):
@@ -30,7 +30,14 @@ class HighsArrays(HIGHS):
     their data only, and their optimal bases differ in a few hundred pivots: on the
     reference park's cycles a hot start took a fifth to a quarter of the simplex
     iterations of a cold one and 15-23 % less time inside HiGHS (docs/performance.md).
-    Interior-point solves neither take nor leave a basis.
+    Interior-point solves neither take nor leave a basis.  Both methods get only the
+    rows that can bind (:func:`_rows_that_bind`); a hot start keeps its basis's row set
+    while it can (:func:`_rows_for_hot_start`).
+
+    With ``duals=False`` the solution comes back without dual values: cvxpy's result
+    mapping then skips reading, reshaping and storing a dual for every constraint, which
+    on the reference park's cycles was about a twentieth of the dispatch time outside
+    HiGHS (the dispatch reads primal values only).
 
     With ``unreachable_rhs`` an interior-point solve also leaves out every inequality row
     ``a x <= b`` with ``b >= unreachable_rhs``: the limits the caller states nothing can
@@ -44,9 +51,10 @@ class HighsArrays(HIGHS):
 
     MIP_CAPABLE = False
 
-    def __init__(self, keep_basis: bool = False, unreachable_rhs: float | None = None):
+    def __init__(self, keep_basis: bool = False, unreachable_rhs: float | None = None, duals: bool = True):
         super().__init__()
         self.keep_basis = keep_basis
+        self.duals = duals
         self.unreachable_rhs = unreachable_rhs
         self._bases: dict[tuple[int, int], object] = {}
         self.hot_starts = 0  # solves that started from a remembered basis
@@ -71,18 +79,23 @@ class HighsArrays(HIGHS):
         shape = (n_rows, n_cols)
         b = np.asarray(data[s.B], dtype=np.float64)
         n_eq = dims[s.EQ_DIM]
-        rows = left_out = None  # the rows handed to HiGHS (None for all), and those left out
-        if ipm:
-            A = A.tocsr()
-            rows = every_row = _rows_that_bind(A, b, n_eq)
-            if self.unreachable_rhs is not None:
-                reachable = (rows < n_eq) | (b[rows] < self.unreachable_rhs)
-                rows, left_out = rows[reachable], rows[~reachable]
-                self.rows_left_out = len(left_out)
+        # Only the rows that can bind go to HiGHS (both methods); for interior point, also
+        # only the reachable ones.
+        A = A.tocsr()
+        rows = every_row = _rows_that_bind(A, b, n_eq)
+        left_out = None  # the reachable-limit rows left out of an interior-point solve
+        if ipm and self.unreachable_rhs is not None:
+            reachable = (rows < n_eq) | (b[rows] < self.unreachable_rhs)
+            rows, left_out = rows[reachable], rows[~reachable]
+            self.rows_left_out = len(left_out)
         # Interior point ignores a basis, and a crossover's basis of a large LP is no
         # start for the simplex method without presolve.
         keep = self.keep_basis and not ipm
-        basis = self._bases.pop(shape, None) if keep else None
+        kept = self._bases.pop(shape, None) if keep else None
+        basis = None
+        if kept is not None:
+            rows = _rows_for_hot_start(kept.rows, rows)
+            basis = _basis_on_rows(kept, rows)
         try:
             solver = self._run(data, A, b, n_eq, rows, opts, verbose, basis)
             run_time = solver.getRunTime()
@@ -93,12 +106,10 @@ class HighsArrays(HIGHS):
                 run_time += solver.getRunTime()
             status = solver.getModelStatus()
             if keep and status == hp.HighsModelStatus.kOptimal:
-                kept = solver.getBasis()
-                if kept.valid:
-                    self._bases[shape] = kept
-            solution = solver.getSolution()
-            if rows is not None:
-                solution = _Solution(solution, rows, n_rows)
+                optimal = solver.getBasis()
+                if optimal.valid:
+                    self._bases[shape] = _KeptBasis(optimal, rows)
+            solution = _Solution(solver.getSolution(), rows, n_rows)
             results = {
                 "solution": solution,
                 "info": solver.getInfo(),
@@ -109,14 +120,12 @@ class HighsArrays(HIGHS):
             raise SolverError(error) from error
         return results
 
-    def _run(self, data, A, b: np.ndarray, n_eq: int, rows: np.ndarray | None, opts: dict, verbose: bool, basis):
-        """Hand HiGHS the LP's ``rows`` (None: all) and run it, from ``basis`` if one is
-        given; returns the solver."""
+    def _run(self, data, A, b: np.ndarray, n_eq: int, rows: np.ndarray, opts: dict, verbose: bool, basis):
+        """Hand HiGHS the LP's ``rows`` and run it, from ``basis`` if one is given;
+        returns the solver."""
         import highspy as hp
 
-        if rows is not None:
-            A, b, n_eq = A[rows], b[rows], int(np.count_nonzero(rows < n_eq))
-        A = A.tocsc()
+        A, b, n_eq = A[rows].tocsc(), b[rows], int(np.count_nonzero(rows < n_eq))
         n_cols = A.shape[1]
         solver = hp.Highs()
         inf = solver.inf
@@ -152,10 +161,18 @@ class HighsArrays(HIGHS):
         """cvxpy's result mapping, except that an infeasible LP comes back without a
         certificate: the dispatch never reads one, and HiGHS finds its dual ray by running
         the simplex method, which after an interior-point solve of a large portfolio LP
-        takes longer than the cycle."""
+        takes longer than the cycle.  Without ``duals``, an optimal LP comes back with its
+        primal values only."""
         if results["model_status"] == "kInfeasible":
             return failure_solution(s.INFEASIBLE, {s.SOLVE_TIME: results["run_time"], s.EXTRA_STATS: results["info"]})
-        return super().invert(results, inverse_data)
+        status = self.STATUS_MAP.get(results["model_status"], s.UNKNOWN)
+        if self.duals or status not in s.SOLUTION_PRESENT:
+            return super().invert(results, inverse_data)
+        info = results["info"]
+        attr = {s.SOLVE_TIME: results["run_time"], s.EXTRA_STATS: info,
+                s.NUM_ITERS: info.simplex_iteration_count + info.ipm_iteration_count + info.crossover_iteration_count}
+        x = np.asarray(results["solution"].col_value)
+        return Solution(status, info.objective_function_value + inverse_data[s.OFFSET], {HIGHS.VAR_ID: x}, None, attr)
 
 
 def _needs_every_row(solver, A_out, b_out: np.ndarray) -> bool:
@@ -179,11 +196,70 @@ def _rows_that_bind(A, b: np.ndarray, n_eq: int) -> np.ndarray:
     off by their 0/1 parameter keep their place in the compiled LP with all coefficients
     zero: on the 10,000-asset portfolio they are a fifth to four fifths of the rows, and
     handing HiGHS the rest made an interior-point solve about 10 % faster (its presolve
-    finds them anyway, after taking them in)."""
+    finds them anyway, after taking them in).  On the reference park they are over half
+    of its 8,073 rows, and a hot-started simplex, which skips presolve, carries them
+    through every iteration: without them a typical re-solve took half the time inside
+    HiGHS."""
     row_of_entry = np.repeat(np.arange(A.shape[0]), np.diff(A.indptr))
     nonzero = np.bincount(row_of_entry[A.data != 0], minlength=A.shape[0]) > 0
     satisfied = np.concatenate([b[:n_eq] == 0.0, b[n_eq:] >= 0.0])
     return np.flatnonzero(nonzero | ~satisfied)
+
+
+# A hot start keeps the last solve's rows while they hold every row that can bind now
+# and at most this share more (rows that cannot bind any longer, their slacks basic).
+_STALE_ROWS = 0.25
+
+
+def _rows_for_hot_start(kept_rows: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """The rows to hand HiGHS for a hot start from a basis solved on ``kept_rows``, when
+    the rows that can bind now are ``live``.  Grid rows are switched on and off between
+    solves, a few dozen of the 3,000-4,000 live rows each time on the reference park;
+    mapping the basis onto another row set costs more in the conversion of HiGHS's
+    status lists than leaving some rows that cannot bind in the LP.  So the kept rows
+    stay, with rows taken in as they go live (their slacks basic, the basis stays
+    square), until more than ``_STALE_ROWS`` of them are stale; then the basis goes
+    onto the live rows alone."""
+    stale = len(kept_rows) - np.count_nonzero(np.isin(live, kept_rows, assume_unique=True))
+    if stale > _STALE_ROWS * len(live):
+        return live
+    if stale == len(kept_rows) - len(live):  # every live row is a kept one
+        return kept_rows
+    return np.union1d(kept_rows, live)
+
+
+class _KeptBasis:
+    """An optimal basis of an LP solved on some of its ``rows`` (the HiGHS basis as it
+    came back, to hand over again unconverted while the rows stay the same)."""
+
+    def __init__(self, basis, rows: np.ndarray):
+        self.basis = basis
+        self.rows = rows
+
+
+def _basis_on_rows(kept: _KeptBasis, rows: np.ndarray):
+    """``kept`` as a HiGHS basis of the LP on ``rows``.  The slack of a row left out of
+    the kept basis's solve (it could not bind) counts as basic there: a row taken in
+    since (a grid row switched on) enters with its slack basic, which keeps the basis
+    square.  A row now left out whose slack was not basic (a limit that bound, switched
+    off) leaves one basic variable too many, and HiGHS is told the basis is alien, so
+    that it completes it before its simplex starts."""
+    import highspy as hp
+
+    if np.array_equal(kept.rows, rows):
+        return kept.basis
+    basic = hp.HighsBasisStatus.kBasic
+    n_rows = int(max(kept.rows[-1] if len(kept.rows) else 0, rows[-1] if len(rows) else 0)) + 1
+    row_status = np.full(n_rows, basic, dtype=object)
+    row_status[kept.rows] = kept.basis.row_status
+    basis = hp.HighsBasis()
+    basis.col_status = kept.basis.col_status
+    basis.row_status = row_status[rows].tolist()
+    n_basic = sum(1 for status in basis.col_status if status == basic) + sum(
+        1 for status in basis.row_status if status == basic)
+    basis.alien = n_basic != len(rows)
+    basis.valid = True
+    return basis
 
 
 class _Solution:
