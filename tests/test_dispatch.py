@@ -402,6 +402,39 @@ def test_hot_starts_follow_grid_rows_switched_on_and_off():
     assert np.array_equal(_rows_for_hot_start(kept, np.array([0, 9])), [0, 9])
 
 
+def test_rows_on_one_column_become_that_columns_bounds():
+    """Without duals, HighsArrays hands HiGHS's simplex the rows with a single non-zero
+    coefficient as column bounds: equalities fix the column, a positive coefficient
+    bounds it above, a negative one below, the tightest bound wins, and bounds that
+    cross make the LP infeasible, as the rows did.  scipy's linprog solves the same LP
+    with the rows as rows."""
+    import cvxpy as cp
+
+    from vpp.dispatch.highs import HighsArrays
+
+    x = cp.Variable(4)
+    scale = cp.Parameter(nonneg=True, value=2.0)  # a parameter coefficient, as the dispatch's limits
+    cost = np.array([-1.0, -2.0, 1.0, 0.5])
+    constraints = [scale * x[0] <= 6.0, x[0] <= 5.0, -3.0 * x[2] <= -1.5, x[1] == 2.5,
+                   x[3] >= -1.0, x <= 10.0, cp.sum(x) <= 9.0, x[2] + x[3] >= 1.0]
+    problem = cp.Problem(cp.Minimize(cost @ x), constraints)
+    solver = HighsArrays(duals=False)
+    problem.solve(solver=solver)
+    bounds = [(None, 3.0), (2.5, 2.5), (0.5, 10.0), (-1.0, 10.0)]
+    reference = linprog(cost, A_ub=np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, -1.0, -1.0]]), b_ub=[9.0, -1.0],
+                        bounds=bounds)
+    assert problem.status == cp.OPTIMAL and reference.status == 0
+    assert problem.value == pytest.approx(reference.fun, abs=1e-9)
+    assert np.allclose(x.value, reference.x, atol=1e-7)
+    # The same LP keeps its rows when duals are asked for: the same optimum.
+    problem.solve(solver=HighsArrays())
+    assert problem.value == pytest.approx(reference.fun, abs=1e-9)
+    # Crossing bounds from two rows on one column: infeasible.
+    crossing = cp.Problem(cp.Minimize(cost @ x), constraints + [x[0] >= 4.0])
+    crossing.solve(solver=HighsArrays(duals=False))
+    assert crossing.status == cp.INFEASIBLE
+
+
 def test_a_hot_start_that_does_not_end_optimal_is_solved_again_cold(make_park, monkeypatch):
     """If the simplex stops short from a kept basis (here: an iteration limit of zero
     set with the basis), the same LP is solved again from scratch and its optimum, not

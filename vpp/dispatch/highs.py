@@ -82,12 +82,22 @@ class HighsArrays(HIGHS):
         # Only the rows that can bind go to HiGHS (both methods); for interior point, also
         # only the reachable ones.
         A = A.tocsr()
-        rows = every_row = _rows_that_bind(A, b, n_eq)
+        entries = _Entries(A)
+        rows = every_row = _rows_that_bind(entries, b, n_eq)
         left_out = None  # the reachable-limit rows left out of an interior-point solve
         if ipm and self.unreachable_rhs is not None:
             reachable = (rows < n_eq) | (b[rows] < self.unreachable_rhs)
             rows, left_out = rows[reachable], rows[~reachable]
             self.rows_left_out = len(left_out)
+        lb, ub = data[s.LOWER_BOUNDS], data[s.UPPER_BOUNDS]
+        bounds = (np.full(n_cols, -np.inf) if lb is None else np.asarray(lb, dtype=np.float64),
+                  np.full(n_cols, np.inf) if ub is None else np.asarray(ub, dtype=np.float64))
+        # A simplex solve without duals takes rows on a single column as that column's
+        # bounds (presolve would, but a hot start skips presolve).
+        fold = not ipm and not self.duals
+        single = rows[entries.count[rows] == 1] if fold else rows[:0]
+        if fold:
+            rows = rows[entries.count[rows] != 1]
         # Interior point ignores a basis, and a crossover's basis of a large LP is no
         # start for the simplex method without presolve.
         keep = self.keep_basis and not ipm
@@ -96,13 +106,15 @@ class HighsArrays(HIGHS):
         if kept is not None:
             rows = _rows_for_hot_start(kept.rows, rows)
             basis = _basis_on_rows(kept, rows)
+        if len(single):
+            bounds = _fold_into_bounds(entries, b, n_eq, single[~np.isin(single, rows, assume_unique=True)], *bounds)
         try:
-            solver = self._run(data, A, b, n_eq, rows, opts, verbose, basis)
+            solver = self._run(data, A, b, n_eq, rows, bounds, opts, verbose, basis)
             run_time = solver.getRunTime()
             if left_out is not None and len(left_out) and _needs_every_row(solver, A[left_out], b[left_out]):
                 self.whole_lp_resolves += 1
                 rows = every_row
-                solver = self._run(data, A, b, n_eq, rows, opts, verbose, None)
+                solver = self._run(data, A, b, n_eq, rows, bounds, opts, verbose, None)
                 run_time += solver.getRunTime()
             status = solver.getModelStatus()
             if keep and status == hp.HighsModelStatus.kOptimal:
@@ -120,9 +132,9 @@ class HighsArrays(HIGHS):
             raise SolverError(error) from error
         return results
 
-    def _run(self, data, A, b: np.ndarray, n_eq: int, rows: np.ndarray, opts: dict, verbose: bool, basis):
-        """Hand HiGHS the LP's ``rows`` and run it, from ``basis`` if one is given;
-        returns the solver."""
+    def _run(self, data, A, b: np.ndarray, n_eq: int, rows: np.ndarray, bounds, opts: dict, verbose: bool, basis):
+        """Hand HiGHS the LP's ``rows`` and its columns' ``bounds`` (lower, upper) and run
+        it, from ``basis`` if one is given; returns the solver."""
         import highspy as hp
 
         A, b, n_eq = A[rows].tocsc(), b[rows], int(np.count_nonzero(rows < n_eq))
@@ -131,9 +143,7 @@ class HighsArrays(HIGHS):
         inf = solver.inf
         # Equality rows first (l = u = b), then A x <= b.
         row_lower = np.concatenate([b[:n_eq], np.full(A.shape[0] - n_eq, -inf)])
-        lb, ub = data[s.LOWER_BOUNDS], data[s.UPPER_BOUNDS]
-        col_lower = np.full(n_cols, -inf) if lb is None else np.asarray(lb, dtype=np.float64)
-        col_upper = np.full(n_cols, inf) if ub is None else np.asarray(ub, dtype=np.float64)
+        col_lower, col_upper = bounds
 
         solver.setOptionValue("log_to_console", verbose)
         for name, value in opts.items():
@@ -189,9 +199,21 @@ def _needs_every_row(solver, A_out, b_out: np.ndarray) -> bool:
     return status not in (hp.HighsModelStatus.kInfeasible, hp.HighsModelStatus.kTimeLimit)
 
 
-def _rows_that_bind(A, b: np.ndarray, n_eq: int) -> np.ndarray:
-    """Positions of the rows of ``A x = b`` (the first ``n_eq``) and ``A x <= b`` (A in CSR
-    form) that can bind: all but the rows without a non-zero coefficient whose right-hand
+class _Entries:
+    """The non-zero pattern of a CSR matrix ``A``, row by row: the row of each stored
+    entry, which stored entries are non-zero (a parameter may have zeroed one), and the
+    count of non-zeros per row."""
+
+    def __init__(self, A):
+        self.A = A
+        self.row = np.repeat(np.arange(A.shape[0]), np.diff(A.indptr))
+        self.nonzero = A.data != 0
+        self.count = np.bincount(self.row[self.nonzero], minlength=A.shape[0])
+
+
+def _rows_that_bind(entries: _Entries, b: np.ndarray, n_eq: int) -> np.ndarray:
+    """Positions of the rows of ``A x = b`` (the first ``n_eq``) and ``A x <= b`` (its
+    ``entries``) that can bind: all but the rows without a non-zero coefficient whose right-hand
     side holds for any x (``0 = 0``, ``0 <= b`` with b >= 0).  Lazy grid rows switched
     off by their 0/1 parameter keep their place in the compiled LP with all coefficients
     zero: on the 10,000-asset portfolio they are a fifth to four fifths of the rows, and
@@ -200,10 +222,30 @@ def _rows_that_bind(A, b: np.ndarray, n_eq: int) -> np.ndarray:
     of its 8,073 rows, and a hot-started simplex, which skips presolve, carries them
     through every iteration: without them a typical re-solve took half the time inside
     HiGHS."""
-    row_of_entry = np.repeat(np.arange(A.shape[0]), np.diff(A.indptr))
-    nonzero = np.bincount(row_of_entry[A.data != 0], minlength=A.shape[0]) > 0
     satisfied = np.concatenate([b[:n_eq] == 0.0, b[n_eq:] >= 0.0])
-    return np.flatnonzero(nonzero | ~satisfied)
+    return np.flatnonzero((entries.count > 0) | ~satisfied)
+
+
+def _fold_into_bounds(entries: _Entries, b: np.ndarray, n_eq: int, rows: np.ndarray,
+                      lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column bounds (lower, upper) tightened by ``rows``, each with a single non-zero
+    coefficient ``a`` on column j: ``a x_j = b`` fixes x_j at b / a, ``a x_j <= b`` bounds
+    it above (a > 0) or below (a < 0) by b / a.  The LP without those rows and with these
+    bounds has the same feasible set.  The reference park's LP has about 1,500 such rows
+    (power limits that are parameters); as bounds they leave its simplex 2,000 rows
+    instead of 3,500, and a hot-started re-solve about half the time inside HiGHS."""
+    is_folded = np.zeros(len(entries.count), bool)
+    is_folded[rows] = True
+    at = entries.nonzero & is_folded[entries.row]
+    row, col, a = entries.row[at], entries.A.indices[at], entries.A.data[at]
+    value = b[row] / a
+    eq = row < n_eq
+    lower, upper = lower.copy(), upper.copy()
+    below = eq | (a < 0)
+    np.maximum.at(lower, col[below], value[below])
+    above = eq | (a > 0)
+    np.minimum.at(upper, col[above], value[above])
+    return lower, upper
 
 
 # A hot start keeps the last solve's rows while they hold every row that can bind now
