@@ -32,7 +32,8 @@ class HighsArrays(HIGHS):
     iterations of a cold one and 15-23 % less time inside HiGHS (docs/performance.md).
     Interior-point solves neither take nor leave a basis.  Both methods get only the
     rows that can bind (:func:`_rows_that_bind`); a hot start keeps its basis's row set
-    while it can (:func:`_rows_for_hot_start`).
+    while it can (:func:`_rows_for_hot_start`), and a simplex solve without duals takes
+    rows on a single column as that column's bounds (:func:`_fold_into_bounds`).
 
     With ``duals=False`` the solution comes back without dual values: cvxpy's result
     mapping then skips reading, reshaping and storing a dual for every constraint, which
