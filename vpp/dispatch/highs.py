@@ -95,10 +95,9 @@ class HighsArrays(HIGHS):
                   np.full(n_cols, np.inf) if ub is None else np.asarray(ub, dtype=np.float64))
         # A simplex solve without duals takes rows on a single column as that column's
         # bounds (presolve would, but a hot start skips presolve).
-        fold = not ipm and not self.duals
-        single = rows[entries.count[rows] == 1] if fold else rows[:0]
-        if fold:
-            rows = rows[entries.count[rows] != 1]
+        single = rows[:0]
+        if not ipm and not self.duals:
+            single, rows = rows[entries.count[rows] == 1], rows[entries.count[rows] != 1]
         # Interior point ignores a basis, and a crossover's basis of a large LP is no
         # start for the simplex method without presolve.
         keep = self.keep_basis and not ipm
@@ -121,7 +120,7 @@ class HighsArrays(HIGHS):
             if keep and status == hp.HighsModelStatus.kOptimal:
                 optimal = solver.getBasis()
                 if optimal.valid:
-                    self._bases[shape] = _KeptBasis(optimal, rows)
+                    self._bases[shape] = _KeptBasis(optimal, rows, n_rows)
             solution = _Solution(solver.getSolution(), rows, n_rows)
             results = {
                 "solution": solution,
@@ -272,12 +271,14 @@ def _rows_for_hot_start(kept_rows: np.ndarray, live: np.ndarray) -> np.ndarray:
 
 
 class _KeptBasis:
-    """An optimal basis of an LP solved on some of its ``rows`` (the HiGHS basis as it
-    came back, to hand over again unconverted while the rows stay the same)."""
+    """An optimal basis of an LP of ``n_rows`` rows solved on some of its ``rows`` (the
+    HiGHS basis as it came back, to hand over again unconverted while the rows stay the
+    same)."""
 
-    def __init__(self, basis, rows: np.ndarray):
+    def __init__(self, basis, rows: np.ndarray, n_rows: int):
         self.basis = basis
         self.rows = rows
+        self.n_rows = n_rows
 
 
 def _basis_on_rows(kept: _KeptBasis, rows: np.ndarray):
@@ -292,15 +293,13 @@ def _basis_on_rows(kept: _KeptBasis, rows: np.ndarray):
     if np.array_equal(kept.rows, rows):
         return kept.basis
     basic = hp.HighsBasisStatus.kBasic
-    n_rows = int(max(kept.rows[-1] if len(kept.rows) else 0, rows[-1] if len(rows) else 0)) + 1
-    row_status = np.full(n_rows, basic, dtype=object)
+    row_status = np.full(kept.n_rows, basic, dtype=object)
     row_status[kept.rows] = kept.basis.row_status
+    # Each read of a HighsBasis field converts HiGHS's whole list: read and write each once.
+    col_status, row_status = kept.basis.col_status, row_status[rows].tolist()
     basis = hp.HighsBasis()
-    basis.col_status = kept.basis.col_status
-    basis.row_status = row_status[rows].tolist()
-    n_basic = sum(1 for status in basis.col_status if status == basic) + sum(
-        1 for status in basis.row_status if status == basic)
-    basis.alien = n_basic != len(rows)
+    basis.col_status, basis.row_status = col_status, row_status
+    basis.alien = col_status.count(basic) + row_status.count(basic) != len(rows)
     basis.valid = True
     return basis
 
