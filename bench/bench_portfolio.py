@@ -172,8 +172,8 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
               f"(inside HiGHS {result.solver_s:.2f}) + AC check {result.ac_check_s:.2f} + disaggregate "
               f"{result.disaggregate_s:.2f} + 96-step AC check {result.base_check_s:.2f} + setpoints "
               f"{setpoints_s:.3f} + the benchmark's own member and AC evaluation {check_s:.2f} s; {result.rounds} plan(s), "
-              f"{result.virtual.grid_iterations} grid iteration(s) and {result.virtual.lazy_rounds} lazy round(s) "
-              f"in the last, {len(setpoints)} members; violations: planning steps "
+              f"{result.virtual.grid_iterations} grid iteration(s), {result.virtual.lazy_rounds} lazy round(s) and "
+              f"{result.virtual.lp_solves} LP solve(s) in the last, {len(setpoints)} members; violations: planning steps "
               f"{result.virtual.violations_remaining}, 96 steps AC {check.grid_violations} ({result.strict_violations} "
               f"in {window}), members "
               f"{check.limit_violations} (worst {_worst(check)}); peak RSS {peak_rss_mib():.0f} MiB", flush=True)
@@ -185,7 +185,7 @@ def large(n: int, cycles: int, seed: int, start: str, feeder: list[int], group_b
             rehearsal = fast.rehearse(inputs, state, result)
             print(f"    rehearsal of the next cycle (after the setpoints): {time.perf_counter() - t0:.2f} s, "
                   f"{rehearsal.rounds} plan(s), {rehearsal.virtual.grid_iterations} grid iteration(s), "
-                  f"{rehearsal.virtual.lazy_rounds} lazy round(s)", flush=True)
+                  f"{rehearsal.virtual.lazy_rounds} lazy round(s), {rehearsal.virtual.lp_solves} LP solve(s)", flush=True)
         state = _carry_out(park, series, state, first, when)
 
 

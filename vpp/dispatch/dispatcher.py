@@ -72,6 +72,7 @@ class Dispatcher:
         hours = park.settings.strict_hours if strict_hours is None else strict_hours
         self.strict_steps = None if hours is None else max(self.problem.horizon.steps_within(hours), 1)
         self.solver_s = 0.0  # time inside the solver during the last cycle
+        self.lp_solves = 0  # LP solves during the last cycle
         self._last_ac = None  # the last AC check, the start of the next
         # HiGHS through cvxpy, with the LP handed over as arrays (vpp/dispatch/highs.py);
         # its simplex starts each solve from this dispatcher's last optimal basis, and its
@@ -100,6 +101,7 @@ class Dispatcher:
         problem.update(inputs, state)
         solve_s = ac_s = 0.0
         self.solver_s = 0.0
+        self.lp_solves = 0
         if not problem.warm:
             # Cold start: linearise around the AC state of the assets' fallback setpoints,
             # which is closer to any plan than an empty network.
@@ -154,8 +156,8 @@ class Dispatcher:
         result.total_s = time.perf_counter() - t_start
         if result.ok:
             self.previous = result
-            problem.relax_slack_rows()
-        result.lazy_rounds = problem.lazy_rounds
+            problem.relax_slack_rows(self.strict_steps)
+        result.lazy_rounds, result.lp_solves = problem.lazy_rounds, self.lp_solves
         log.info("dispatch %s status=%s objective_cny=%.2f iterations=%d lazy_rounds=%d solve_s=%.3f ac_s=%.3f "
                  "violations=%d%s", inputs.index[0].isoformat(), result.status, result.objective_cny,
                  result.grid_iterations, result.lazy_rounds,
@@ -241,6 +243,7 @@ class Dispatcher:
         """
         deadline = time.perf_counter() + time_limit_s
         solver = self.park.settings.solver
+        self.lp_solves += 1
         failure, numerical = self._solve_with(solver, time_limit_s)
         remaining_s = deadline - time.perf_counter()
         if numerical and remaining_s > 0:

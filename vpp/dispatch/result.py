@@ -42,7 +42,10 @@ class DispatchResult:
     details: dict[str, pd.DataFrame] = field(default_factory=dict)
     ev_sessions: pd.DataFrame = field(default_factory=pd.DataFrame)
     grid_iterations: int = 0
-    lazy_rounds: int = 0  # re-solves that activated grid rows the plan broke
+    # Rounds that activated grid rows a plan broke (re-solved at once when one lies in the
+    # strict window, else left for the next cycle); LP solves the cycle took in all.
+    lazy_rounds: int = 0
+    lp_solves: int = 0
     solve_s: float = 0.0  # LP solves as the caller sees them: cvxpy's parameter updates, the solver, unpacking
     solver_s: float = 0.0  # of which inside the solver itself (cvxpy's solver_stats.solve_time)
     ac_check_s: float = 0.0
