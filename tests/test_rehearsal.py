@@ -135,9 +135,18 @@ def test_a_strict_window_holds_the_next_windows_near_rows_and_relaxes_voltage_ro
     (the strict steps and one more) are active exactly where the plan came near their
     limits (within 0.03 pu, or 60 % of a branch's capped rating), whether they were
     active before or not; beyond it, voltage rows with 0.01 pu of slack or more are
-    relaxed.  Without a window, rows are only relaxed (from 0.04 pu, below 30 %)."""
+    relaxed.  Without a window, or with the hot-started simplex, rows are only relaxed
+    (from 0.04 pu, below 30 %)."""
     park = _tight_park(80)
     inputs, state = _cycle(park, "2025-01-15 18:00")
+    simplex = Dispatcher(dataclasses.replace(park, settings=park.settings.model_copy(update={"lp_method": "simplex"})),
+                         strict_hours=1.0)
+    windows = []
+    relax = simplex.problem.relax_slack_rows
+    simplex.problem.relax_slack_rows = lambda within=None: windows.append(within) or relax(within)
+    assert simplex.dispatch(inputs, state).ok and windows == [None]
+
+    park = dataclasses.replace(park, settings=park.settings.model_copy(update={"lp_method": "ipm"}))
     dispatcher = Dispatcher(park, strict_hours=1.0)
     problem = dispatcher.problem
     result = dispatcher.dispatch(inputs, state)
