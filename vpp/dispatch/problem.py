@@ -94,7 +94,9 @@ _RELAX_VOLTAGE_PU = 0.04
 # from this slack on: every active voltage row keeps its step's network equations in the
 # interior-point solve.  On the 10,000-asset portfolio (docs/performance.md) a cycle's
 # first solve then held in its window in 11 of 12 cycles instead of 6, and the slowest
-# of 12 cycles took 6.1 s instead of 11.5 s.
+# of 12 cycles took 6.1 s instead of 11.5 s.  The dispatcher applies it to interior-point
+# solves only: with the hot-started simplex it cost the reference park's year time and a
+# broken import limit.
 _WINDOW_BAND_FRAC = 0.6
 _WINDOW_BAND_PU = 0.03
 _BEYOND_RELAX_PU = 0.01
